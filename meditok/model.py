@@ -1,0 +1,192 @@
+"""The MedITok tokenizer: encoder → attention projection → 8-codebook quantizer → projection → decoder.
+
+Token API (method names kept from the released class so existing code keeps working):
+
+====================================  ===============================================================
+``img_to_idx(x)``                     [B, 3, H, W] in [-1, 1] → ids [B, 8, H/16·W/16] (int64)
+``idx_to_img(ids)``                   ids [B, 8, L] or [B, 8, h, w] → image [B, 3, 16h, 16w] in [-1, 1]
+``img_to_reconstructed_img(x)``       [B, 3, H, W] → reconstruction [B, 3, H, W] in [-1, 1]
+``encode_image(x, normalize=False)``  [B, 3, H, W] → alignment embedding [B, 768]
+``forward_features(x)``               [B, 3, H, W] → mean-pooled encoder features [B, vit_width]
+``encode_image_vq(x)``                [B, 3, H, W] → quantized latent [B, L, 64] (unit-norm 8-d chunks)
+====================================  ===============================================================
+
+Aliases: ``tokenize`` = img_to_idx, ``detokenize`` = idx_to_img, ``reconstruct`` = img_to_reconstructed_img.
+``forward`` is the training pass and returns everything the losses need.
+
+The bottleneck (projections + quantizer) always runs in float32 with autocast off, as in the
+released training code: cosine assignment over 4,096 codes is sensitive to bf16 rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MedITokConfig
+from .projection import AttentionProjection
+from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .vitamin import ViTaminDecoder, ViTaminEncoder
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class MedITok(nn.Module):
+    """Unified visual tokenizer for medical images (see module docstring for the token API)."""
+
+    def __init__(self, config: MedITokConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = ViTaminEncoder(c.stem_width, c.conv_widths, c.conv_depths, c.vit_width, c.vit_depth,
+                                      c.vit_heads, c.mlp_ratio, c.drop_path)
+        self.quant_proj = AttentionProjection(c.vit_width, c.vocab_width, c.proj_heads)
+        self.quantizer = MultiCodebookQuantizer(c.num_codebooks, c.codebook_size, c.codebook_dim, c.vq_beta)
+        self.post_quant_proj = AttentionProjection(c.vocab_width, c.vit_width, c.proj_heads)
+        self.decoder = ViTaminDecoder(c.conv_widths, c.decoder_conv_depths, c.vit_width, c.decoder_vit_depth,
+                                      c.vit_heads, c.mlp_ratio, c.drop_path)
+        # Alignment head: mean-pooled post-quantisation tokens → LayerNorm → 768-d (SPEC §1).
+        self.fc_norm = nn.LayerNorm(c.vit_width, eps=1e-6)
+        self.projection = nn.Linear(c.vit_width, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction helpers
+    def init_weights(self, include_encoder: bool = True) -> "MedITok":
+        """Initialise for training from scratch, as the released training did (SPEC §2): linear weights
+        truncated-normal std 0.02, convolutions xavier-normal gain 0.5, norms 1/0, biases 0, codebooks
+        uniform ±D^-0.5/36. The released run initialised the encoder from UniTok instead; pass
+        ``include_encoder=False`` when loading encoder weights afterwards."""
+        parts = [self.decoder, self.quant_proj, self.post_quant_proj, self.projection]
+        if include_encoder:
+            parts.append(self.encoder)
+        for part in parts:
+            for m in part.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Conv2d):
+                    nn.init.xavier_normal_(m.weight, gain=0.5)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for attn in (self.quant_proj.attn, self.post_quant_proj.attn):
+            nn.init.zeros_(attn.q_bias)
+            nn.init.zeros_(attn.v_bias)
+        self.quantizer.reset_parameters()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute ViT blocks (and decoder conv stages) in the backward pass to save memory."""
+        self.encoder.grad_checkpointing = enable
+        self.decoder.grad_checkpointing = enable
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # ----------------------------------------------------------------------------------------------
+    # Pieces
+    def _check_image(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(x.shape)}")
+        if x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"image height and width must be multiples of 16, got {tuple(x.shape[-2:])}")
+
+    def encode_latent(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """[B, 3, H, W] in [-1, 1] → continuous pre-quantisation latent [B, L, 64] (float32), token grid (h, w)."""
+        self._check_image(x)
+        tokens, grid = self.encoder(x, return_grid=True)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return self.quant_proj(tokens.float()), grid
+
+    def decode_latent(self, z_q: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Quantized latent [B, L, 64] → raw decoder output [B, 3, 16h, 16w] (not clamped)."""
+        return self.decoder(self._post_quant(z_q), grid)
+
+    def _post_quant(self, z_q: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z_q.device.type, enabled=False):
+            return self.post_quant_proj(z_q.float())
+
+    def _align(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.fc_norm(tokens.mean(dim=1)))
+
+    def logit_scale_exp(self) -> torch.Tensor:
+        """exp(logit_scale), with the scale clamped at log(100) as in CLIP."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    # ----------------------------------------------------------------------------------------------
+    # Training pass
+    def forward(self, x: torch.Tensor, decode_batch: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Training pass. x [B, 3, H, W] in [-1, 1].
+
+        Returns a dict: ``reconstruction`` [b, 3, H, W] (float32, unclamped; b = decode_batch or B),
+        ``vq_loss`` (scalar), ``codebook_usage`` (scalar, % of codes used in this batch), ``ids``
+        [B, 8, L], ``image_features`` [B, 768] ℓ2-normalised, ``logit_scale`` (scalar, exp'd, clamped).
+        """
+        z, grid = self.encode_latent(x)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            q: QuantizerOutput = self.quantizer(z)
+            tokens = self.post_quant_proj(q.quantized)
+        keep = tokens if decode_batch is None else tokens[:decode_batch]
+        reconstruction = self.decoder(keep, grid).float()
+        return {
+            "reconstruction": reconstruction,
+            "vq_loss": q.loss,
+            "codebook_usage": q.usage,
+            "ids": q.ids,
+            "image_features": F.normalize(self._align(tokens), dim=-1),
+            "logit_scale": self.logit_scale_exp(),
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    # Token API (released names)
+    def img_to_idx(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] → token ids [B, 8, (H/16)·(W/16)], int64, each in [0, 4096)."""
+        z, _ = self.encode_latent(x)
+        return self.quantizer.f_to_idx(z)
+
+    def idx_to_img(self, ids: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Token ids [B, 8, L] (square grid) or [B, 8, h, w] → images [B, 3, 16h, 16w] in [-1, 1]."""
+        if grid is None and ids.dim() == 4:
+            grid = (ids.shape[-2], ids.shape[-1])
+        z_q = self.quantizer.idx_to_f(ids.to(self.device))
+        return self.decode_latent(z_q, grid).float().clamp(-1, 1)
+
+    def img_to_reconstructed_img(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] → reconstruction [B, 3, H, W] in [-1, 1] (encode, quantize, decode)."""
+        z, grid = self.encode_latent(x)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z_q = self.quantizer.idx_to_f(self.quantizer.f_to_idx(z))
+        return self.decode_latent(z_q, grid).float().clamp(-1, 1)
+
+    def encode_image_vq(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → quantized latent [B, L, 64], float32 (each 8-d chunk a unit codeword)."""
+        z, _ = self.encode_latent(x)
+        return self.quantizer.idx_to_f(self.quantizer.f_to_idx(z))
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[B, 3, H, W] → alignment embedding [B, 768] (the space trained against the teachers);
+        ℓ2-normalised when ``normalize``."""
+        tokens = self._post_quant(self.encode_image_vq(x))
+        features = self._align(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → mean-pooled encoder tokens [B, vit_width] (pre-quantisation), for probing."""
+        self._check_image(x)
+        return self.encoder(x).mean(dim=1)
+
+    # Clearer aliases
+    tokenize = img_to_idx
+    detokenize = idx_to_img
+    reconstruct = img_to_reconstructed_img
+
+    def token_grid(self, img_size: Optional[int] = None) -> Tuple[int, int]:
+        return self.config.token_grid(img_size)

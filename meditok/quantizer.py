@@ -1,0 +1,164 @@
+"""Multi-codebook vector quantizer (SPEC §1), all codebooks in one batched computation.
+
+A latent of ``vocab_width`` channels (64) is cut into ``num_codebooks`` (8) chunks of
+``codebook_dim`` (8) channels. Chunk k is ℓ2-normalised and replaced by the ℓ2-normalised entry of
+codebook k with the highest cosine similarity. Per codebook the loss is
+``β·‖sg[e] − z‖² + ‖e − sg[z]‖²`` (mean squared) and the codebook losses are averaged; because every
+codebook sees the same number of elements that average equals one mean over all channels, which is
+what we compute. Gradients pass to z with the straight-through estimator.
+
+Storage: the codebooks live in one ``[K, V, D]`` parameter so the forward pass is a single batched
+matmul/argmax/gather. The released checkpoint stores them per codebook
+(``codebooks.{k}.codebook.weight`` [V, D] and ``codebooks.{k}.vocab_usage`` [V]); state-dict hooks
+translate between the two layouts, so ``state_dict()`` has the released names and
+``load_state_dict`` accepts them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # [B, L, K*D] ℓ2-normalised codewords per chunk (straight-through to z)
+    ids: torch.Tensor  # [B, K, L] int64, per-codebook indices in [0, V)
+    loss: torch.Tensor  # scalar, β·commitment + codebook loss, averaged over codebooks
+    usage: torch.Tensor  # scalar, % of codewords picked by > 0.01/V of this batch's tokens, mean over codebooks
+
+
+class MultiCodebookQuantizer(nn.Module):
+    """K independent codebooks of V entries × D dims, cosine-similarity assignment.
+
+    Args:
+        num_codebooks: K (8 in the released model).
+        codebook_size: V entries per codebook (4096).
+        codebook_dim: D channels per codebook (8); the latent has K·D channels.
+        beta: commitment weight β (0.25).
+    """
+
+    def __init__(self, num_codebooks: int = 8, codebook_size: int = 4096, codebook_dim: int = 8, beta: float = 0.25):
+        super().__init__()
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.beta = beta
+        self.weight = nn.Parameter(torch.empty(num_codebooks, codebook_size, codebook_dim))
+        # Running estimate of how often each code is chosen (an EMA of per-batch frequencies), kept for
+        # checkpoint compatibility and dead-code monitoring. Updated only in training mode.
+        self.register_buffer("vocab_usage", torch.zeros(num_codebooks, codebook_size))
+        self.usage_updates = 0
+        self.reset_parameters()
+        self.register_state_dict_post_hook(_split_codebooks_hook)
+        self.register_load_state_dict_pre_hook(_stack_codebooks_hook)
+
+    def reset_parameters(self) -> None:
+        # Released init ("vocab_init" -1): uniform in ±D^-0.5/36; entries are normalised when used.
+        bound = self.codebook_dim ** -0.5 / 36
+        if not self.weight.is_meta:
+            nn.init.uniform_(self.weight, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+                f"codebook_dim={self.codebook_dim}, beta={self.beta:g}")
+
+    def normalized_codebooks(self) -> torch.Tensor:
+        """[K, V, D] ℓ2-normalised codewords, float32."""
+        return F.normalize(self.weight.float(), dim=-1)
+
+    def _chunks(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, L, K*D] → [K, B*L, D], ℓ2-normalised per chunk, float32."""
+        B, L, C = z.shape
+        if C != self.num_codebooks * self.codebook_dim:
+            raise ValueError(f"quantizer expects {self.num_codebooks * self.codebook_dim} channels, got {C}")
+        z = z.float().reshape(B * L, self.num_codebooks, self.codebook_dim).transpose(0, 1)
+        return F.normalize(z, dim=-1)
+
+    def _nearest(self, z_chunks: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+        # Cosine similarity of unit vectors: one batched matmul over codebooks, [K, N, V].
+        sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))
+        return sim.argmax(dim=-1)  # [K, N]
+
+    def f_to_idx(self, z: torch.Tensor) -> torch.Tensor:
+        """Continuous latent [B, L, K*D] → ids [B, K, L] (int64)."""
+        B, L, _ = z.shape
+        ids = self._nearest(self._chunks(z), self.normalized_codebooks())
+        return ids.reshape(self.num_codebooks, B, L).transpose(0, 1)
+
+    def idx_to_f(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, K, L] or [B, K, h, w] → quantized latent [B, L, K*D] (unit-norm chunks, float32)."""
+        if ids.dim() < 3 or ids.shape[1] != self.num_codebooks:
+            raise ValueError(f"token ids must have shape [B, {self.num_codebooks}, L] or [B, {self.num_codebooks}, h, w], "
+                             f"got {tuple(ids.shape)}")
+        ids = ids.flatten(2).long()
+        B, K, L = ids.shape
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        codebooks = self.normalized_codebooks()  # [K, V, D]
+        flat = ids.transpose(0, 1).reshape(K, B * L)  # [K, N]
+        e = torch.gather(codebooks, 1, flat.unsqueeze(-1).expand(K, B * L, self.codebook_dim))  # [K, N, D]
+        return e.transpose(0, 1).reshape(B, L, K * self.codebook_dim)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z [B, L, K*D] (any float dtype; computed in float32) → QuantizerOutput."""
+        B, L, _ = z.shape
+        K, D = self.num_codebooks, self.codebook_dim
+        z_chunks = self._chunks(z)  # [K, N, D]
+        codebooks = self.normalized_codebooks()  # [K, V, D]
+        ids = self._nearest(z_chunks, codebooks)  # [K, N]
+        e = torch.gather(codebooks, 1, ids.unsqueeze(-1).expand(K, B * L, D))  # [K, N, D], grad → codebooks
+        loss = self.beta * F.mse_loss(z_chunks, e.detach()) + F.mse_loss(e, z_chunks.detach())
+        quantized = z_chunks + (e - z_chunks).detach()  # straight-through estimator
+        quantized = quantized.transpose(0, 1).reshape(B, L, K * D)
+        usage = self._track_usage(ids)
+        return QuantizerOutput(quantized, ids.reshape(K, B, L).transpose(0, 1), loss, usage)
+
+    @torch.no_grad()
+    def _track_usage(self, ids: torch.Tensor) -> torch.Tensor:
+        K, V = self.num_codebooks, self.codebook_size
+        offsets = torch.arange(K, device=ids.device).unsqueeze(1) * V
+        counts = torch.bincount((ids + offsets).flatten(), minlength=K * V).float().view(K, V)
+        if self.training and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)  # usage over the global batch
+        freq = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        usage = (freq > 0.01 / V).float().mean() * 100
+        if self.training:
+            # EMA schedule of the released code: copy, then momentum 0.9 for 100 steps, then 0.99.
+            if self.usage_updates == 0:
+                self.vocab_usage.copy_(freq)
+            else:
+                momentum = 0.9 if self.usage_updates < 100 else 0.99
+                self.vocab_usage.mul_(momentum).add_(freq, alpha=1 - momentum)
+            self.usage_updates += 1
+        return usage
+
+
+def _split_codebooks_hook(module: MultiCodebookQuantizer, state_dict: Dict[str, Any], prefix: str, local_metadata) -> None:
+    weight = state_dict.pop(prefix + "weight")
+    usage = state_dict.pop(prefix + "vocab_usage")
+    for k in range(module.num_codebooks):
+        # clone: saved tensors must not share storage (safetensors refuses shared tensors)
+        state_dict[f"{prefix}codebooks.{k}.vocab_usage"] = usage[k].clone()
+        state_dict[f"{prefix}codebooks.{k}.codebook.weight"] = weight[k].clone()
+
+
+def _stack_codebooks_hook(module: MultiCodebookQuantizer, state_dict: Dict[str, Any], prefix: str, local_metadata,
+                          strict, missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str]) -> None:
+    """Accept the released per-codebook layout; leave anything incomplete for load_state_dict to report."""
+    for name, target in (("codebook.weight", "weight"), ("vocab_usage", "vocab_usage")):
+        keys = [f"{prefix}codebooks.{k}.{name}" for k in range(module.num_codebooks)]
+        if prefix + target in state_dict or not all(k in state_dict for k in keys):
+            continue
+        parts = [state_dict[k] for k in keys]
+        if len({tuple(p.shape) for p in parts}) != 1:
+            error_msgs.append(f"codebook tensors {keys} have different shapes {[tuple(p.shape) for p in parts]}")
+            continue
+        for k in keys:
+            del state_dict[k]
+        state_dict[prefix + target] = torch.stack(parts)

@@ -1,0 +1,185 @@
+"""ViTamin hybrid encoder and its mirrored decoder (SPEC §1).
+
+The encoder's building blocks are timm's own ViTamin pieces (``timm.models.vitamin``: conv stem,
+pre-norm MbConv stages, strided-conv "pool" into the ViT width, GeGLU MLP) and timm's ViT ``Block``,
+so the encoder computes exactly what the released model (a timm ViTamin) computes. Attribute names
+reproduce the released checkpoint's parameter names (``patch_embed.backbone.stem.conv1.weight``, …).
+
+The decoder's conv half (nearest-neighbour ×2 + 3×3 conv upsampling, inverse MbConv blocks,
+inverse stem) has no counterpart in timm and is written here.
+
+Shapes, for an input of H×W pixels (multiples of 16), width C = ``vit_width``:
+encoder: [B, 3, H, W] in [-1, 1] → [B, H/16·W/16, C];  decoder: [B, h·w, C] → [B, 3, 16h, 16w].
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, LayerNormAct2d, make_divisible
+from timm.models.vision_transformer import Block
+from timm.models.vitamin import GeGluMlp, MbConvStages, VitCfg, VitConvCfg
+from torch.utils.checkpoint import checkpoint
+
+ViTLayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def vit_blocks(width: int, depth: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.Sequential:
+    """``depth`` pre-norm ViT blocks with ViTamin's GeGLU MLP (own LayerNorm, tanh-GELU, hidden 2×width)."""
+    # stochastic depth rises linearly over the blocks (plain Python: also works under a meta-device context)
+    rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path] * depth
+    return nn.Sequential(*[
+        Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rates[i], norm_layer=ViTLayerNorm,
+              act_layer="gelu_tanh", mlp_layer=GeGluMlp)
+        for i in range(depth)
+    ])
+
+
+def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+class ConvPatchEmbed(nn.Module):
+    """ViTamin's convolutional front: stem (/2) + two MbConv stages (/2 each) + strided conv (/2) to the ViT width.
+
+    [B, 3, H, W] → [B, (H/16)·(W/16), C]. Kept as ``.backbone`` to match the released parameter names.
+    """
+
+    def __init__(self, stem_width: int, conv_widths: Sequence[int], conv_depths: Sequence[int], vit_width: int):
+        super().__init__()
+        cfg = VitCfg(
+            embed_dim=(conv_widths[0], conv_widths[1], vit_width),
+            depths=(conv_depths[0], conv_depths[1], 1),
+            stem_width=stem_width,
+            conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6),
+        )
+        self.backbone = MbConvStages(cfg)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x = self.backbone(x)  # [B, C, h, w]
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class ViTaminEncoder(nn.Module):
+    """[B, 3, H, W] in [-1, 1] → token features [B, H/16·W/16, vit_width] (after the final LayerNorm)."""
+
+    def __init__(self, stem_width: int, conv_widths: Sequence[int], conv_depths: Sequence[int], vit_width: int,
+                 vit_depth: int, vit_heads: int, mlp_ratio: float = 2.0, drop_path: float = 0.0):
+        super().__init__()
+        self.embed_dim = vit_width
+        self.patch_embed = ConvPatchEmbed(stem_width, conv_widths, conv_depths, vit_width)
+        # The released model has no positional embedding but stores a frozen all-zero [1, 1, C] one that is
+        # added (broadcast) to every token; we keep it so released weights load strictly and act identically.
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1, vit_width), requires_grad=False)
+        self.blocks = vit_blocks(vit_width, vit_depth, vit_heads, mlp_ratio, drop_path)
+        self.norm = ViTLayerNorm(vit_width)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, return_grid: bool = False):
+        x, grid = self.patch_embed(x)
+        x = x + self.pos_embed
+        x = _run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = self.norm(x)
+        return (x, grid) if return_grid else x
+
+
+class Upsample2d(nn.Module):
+    """Nearest-neighbour ×2 then a 3×3 conv: [B, C_in, h, w] → [B, C_out, 2h, 2w]."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class InvMbConvBlock(nn.Module):
+    """Inverse of ViTamin's MbConv block: pre-LayerNorm, 1×1 expand ×4, GELU, (upsample ×2), 3×3 depthwise,
+    GELU, 1×1 project, plus a shortcut (upsampling conv when ``upsample``, 1×1 conv when widths differ)."""
+
+    def __init__(self, in_chs: int, out_chs: int, upsample: bool = False, expand_ratio: float = 4.0):
+        super().__init__()
+        mid_chs = make_divisible(out_chs * expand_ratio)
+        if upsample:
+            self.shortcut = Upsample2d(in_chs, out_chs)
+        elif in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1)
+        else:
+            self.shortcut = nn.Identity()
+        self.pre_norm = LayerNorm2d(in_chs, eps=1e-6)
+        self.conv1_1x1 = nn.Conv2d(in_chs, mid_chs, 1)
+        self.act1 = nn.GELU()
+        self.up = Upsample2d(mid_chs, mid_chs) if upsample else nn.Identity()
+        self.conv2_kxk = nn.Conv2d(mid_chs, mid_chs, 3, padding=1, groups=mid_chs)
+        self.act2 = nn.GELU()
+        self.conv3_1x1 = nn.Conv2d(mid_chs, out_chs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
+        x = self.act1(self.conv1_1x1(self.pre_norm(x)))
+        x = self.act2(self.conv2_kxk(self.up(x)))
+        return self.conv3_1x1(x) + shortcut
+
+
+class InvStem(nn.Module):
+    """Inverse of the stem: upsample ×2 (nearest + 3×3 conv), LayerNorm + GELU, 3×3 conv to pixels."""
+
+    def __init__(self, in_chs: int, out_chs: int = 3):
+        super().__init__()
+        self.conv1 = Upsample2d(in_chs, in_chs)
+        self.norm1 = LayerNormAct2d(in_chs, eps=1e-6, act_layer="gelu")
+        self.conv2 = nn.Conv2d(in_chs, out_chs, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.norm1(self.conv1(x)))
+
+
+class ViTaminDecoder(nn.Module):
+    """Token features [B, h·w, C] → image [B, 3, 16h, 16w] (unclamped; ≈[-1, 1] once trained).
+
+    ViT blocks + LayerNorm at 1/16, then: up_conv1 (×2 to conv width 2), up_conv2 (inverse MbConv stage, ×2),
+    up_conv3 (inverse MbConv stage to conv width 1, ×2), up_conv4 (inverse stem, ×2, to 3 channels).
+    """
+
+    def __init__(self, conv_widths: Sequence[int], decoder_conv_depths: Sequence[int], vit_width: int,
+                 vit_depth: int, vit_heads: int, mlp_ratio: float = 2.0, drop_path: float = 0.0):
+        super().__init__()
+        w0, w1 = conv_widths
+        d_coarse, d_fine = decoder_conv_depths
+        self.blocks = vit_blocks(vit_width, vit_depth, vit_heads, mlp_ratio, drop_path)
+        self.norm = ViTLayerNorm(vit_width)
+        self.up_conv1 = Upsample2d(vit_width, w1)
+        self.up_conv2 = nn.Sequential(*[InvMbConvBlock(w1, w1, upsample=(d == 0)) for d in range(d_coarse)])
+        self.up_conv3 = nn.Sequential(*[InvMbConvBlock(w1 if d == 0 else w0, w0, upsample=(d == 0)) for d in range(d_fine)])
+        self.up_conv4 = InvStem(w0, 3)
+        self.grad_checkpointing = False
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the final conv: where the adaptive GAN weight compares gradient norms (VQGAN)."""
+        return self.up_conv4.conv2.weight
+
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        B, L, C = x.shape
+        if grid is None:
+            side = int(round(L ** 0.5))
+            if side * side != L:
+                raise ValueError(f"cannot infer a square token grid from {L} tokens; pass grid=(h, w)")
+            grid = (side, side)
+        x = _run_blocks(self.blocks, x, self.grad_checkpointing)
+        x = self.norm(x)
+        x = x.transpose(1, 2).reshape(B, C, grid[0], grid[1])
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad
+        for stage in (self.up_conv1, *self.up_conv2, *self.up_conv3, self.up_conv4):
+            x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
+        return x
