@@ -65,11 +65,12 @@ def build_meditok(preset: Union[str, MedITokConfig] = "large", *, device: Union[
         **overrides: config fields to change, e.g. ``img_size=512``.
     """
     cfg = preset.replace(**overrides) if isinstance(preset, MedITokConfig) else get_config(preset, **overrides)
+    with torch.device("meta"):
+        model = MedITok(cfg)
     if empty:
-        with torch.device("meta"):
-            return MedITok(cfg)
-    model = MedITok(cfg).init_weights()
-    return model.to(device) if device is not None else model
+        return model
+    # Materialise directly on the target device and initialise there (fast for `large` on a GPU).
+    return model.to_empty(device=device if device is not None else "cpu").init_weights()
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ released training code: cosine assignment over 4,096 codes is sensitive to bf16 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -32,6 +33,13 @@ from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 from .vitamin import ViTaminDecoder, ViTaminEncoder
 
 MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def autocast_off(t: torch.Tensor):
+    """Context that runs its body in full precision even inside an autocast region (no-op on meta)."""
+    if t.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 class MedITok(nn.Module):
@@ -55,14 +63,17 @@ class MedITok(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     # Construction helpers
+    @torch.no_grad()
     def init_weights(self, include_encoder: bool = True) -> "MedITok":
-        """Initialise for training from scratch, as the released training did (SPEC §2): linear weights
-        truncated-normal std 0.02, convolutions xavier-normal gain 0.5, norms 1/0, biases 0, codebooks
-        uniform ±D^-0.5/36. The released run initialised the encoder from UniTok instead; pass
-        ``include_encoder=False`` when loading encoder weights afterwards."""
-        parts = [self.decoder, self.quant_proj, self.post_quant_proj, self.projection]
+        """Initialise every tensor for training from scratch, as the released training did (SPEC §2):
+        linear weights truncated-normal std 0.02, convolutions xavier-normal gain 0.5, norms 1/0, biases 0,
+        codebooks uniform ±D^-0.5/36, logit scale log(1/0.07), fixed zero tensors zero. Works on a model
+        materialised with ``to_empty``. The released run initialised the encoder from UniTok instead; pass
+        ``include_encoder=False`` to leave the encoder's weights as they are."""
+        parts = [self.decoder, self.quant_proj, self.post_quant_proj, self.projection, self.fc_norm]
         if include_encoder:
             parts.append(self.encoder)
+            self.encoder.pos_embed.zero_()
         for part in parts:
             for m in part.modules():
                 if isinstance(m, nn.Linear):
@@ -77,9 +88,12 @@ class MedITok(nn.Module):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
         for attn in (self.quant_proj.attn, self.post_quant_proj.attn):
-            nn.init.zeros_(attn.q_bias)
-            nn.init.zeros_(attn.v_bias)
+            attn.q_bias.zero_()
+            attn.v_bias.zero_()
+            attn.zero_k_bias.zero_()
         self.quantizer.reset_parameters()
+        self.quantizer.vocab_usage.zero_()
+        self.logit_scale.fill_(math.log(1 / 0.07))
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -103,7 +117,7 @@ class MedITok(nn.Module):
         """[B, 3, H, W] in [-1, 1] → continuous pre-quantisation latent [B, L, 64] (float32), token grid (h, w)."""
         self._check_image(x)
         tokens, grid = self.encoder(x, return_grid=True)
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
+        with autocast_off(tokens):
             return self.quant_proj(tokens.float()), grid
 
     def decode_latent(self, z_q: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -111,7 +125,7 @@ class MedITok(nn.Module):
         return self.decoder(self._post_quant(z_q), grid)
 
     def _post_quant(self, z_q: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=z_q.device.type, enabled=False):
+        with autocast_off(z_q):
             return self.post_quant_proj(z_q.float())
 
     def _align(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -131,7 +145,7 @@ class MedITok(nn.Module):
         [B, 8, L], ``image_features`` [B, 768] ℓ2-normalised, ``logit_scale`` (scalar, exp'd, clamped).
         """
         z, grid = self.encode_latent(x)
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with autocast_off(z):
             q: QuantizerOutput = self.quantizer(z)
             tokens = self.post_quant_proj(q.quantized)
         keep = tokens if decode_batch is None else tokens[:decode_batch]
@@ -162,7 +176,7 @@ class MedITok(nn.Module):
     def img_to_reconstructed_img(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] → reconstruction [B, 3, H, W] in [-1, 1] (encode, quantize, decode)."""
         z, grid = self.encode_latent(x)
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with autocast_off(z):
             z_q = self.quantizer.idx_to_f(self.quantizer.f_to_idx(z))
         return self.decode_latent(z_q, grid).float().clamp(-1, 1)
 

@@ -1,0 +1,178 @@
+"""Efficiency of a tokenizer, as in the paper's Table S4: peak memory and images/s.
+
+For each task (tokenize = encode + quantise to ids; decode = ids → image; reconstruct = both), each
+precision (fp32; bf16 autocast, the bottleneck staying fp32) and each (batch, resolution) setting, it
+times ``--iters`` calls after ``--warmup`` calls, synchronising the device around each, and records
+images/s, per-call latency percentiles, peak memory (GPU: ``torch.cuda.max_memory_allocated``, weights
+included; CPU: not measured) and achieved TFLOP/s from FLOPs counted by ``torch.utils.flop_counter``.
+
+    python -m evaluation.efficiency --preset large --device cuda            # Table S4 settings
+    python -m evaluation.efficiency --preset tiny --settings 4x64 --iters 2  # quick CPU check
+
+Writes ``efficiency.json``, ``efficiency.md`` and ``efficiency.csv`` to ``--out``. Weights do not change
+the timings, so a randomly initialised preset is used unless ``--checkpoint`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+import meditok
+from meditok.info import forward_flops
+
+TASKS = ("tokenize", "decode", "reconstruct")
+# Table S4 settings: (batch, resolution)
+PAPER_SETTINGS = ("16x256", "8x512")
+PAPER_TABLE_S4 = {"16x256": {"memory_gb": 4.69, "images_per_s": 92.81}, "8x512": {"memory_gb": 6.75, "images_per_s": 20.63}}
+
+
+def _parse_setting(text: str) -> tuple:
+    try:
+        batch, size = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"setting {text!r} must look like BATCHxSIZE, e.g. 16x256") from None
+    if size % 16:
+        raise argparse.ArgumentTypeError(f"resolution {size} in {text!r} is not a multiple of 16")
+    return batch, size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def measure(model: meditok.MedITok, task: str, dtype: str, batch: int, size: int, device: torch.device,
+            warmup: int, iters: int) -> Dict[str, object]:
+    """Time one (task, precision, batch, size) cell; returns a flat record."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device)
+    grid = model.config.token_grid(size)
+    ids = torch.randint(0, model.config.codebook_size, (batch, model.config.num_codebooks, grid[0] * grid[1]),
+                        generator=gen).to(device)
+    call = {
+        "tokenize": lambda: model.img_to_idx(images),
+        "decode": lambda: model.idx_to_img(ids),
+        "reconstruct": lambda: model.img_to_reconstructed_img(images),
+    }[task]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with torch.inference_mode(), _autocast(device, dtype):
+        for i in range(warmup + iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    total = sum(times)
+    flops = forward_flops(model, size)
+    per_image = {"tokenize": flops["encode"], "decode": flops["decode"],
+                 "reconstruct": flops["encode"] + flops["decode"]}[task]
+    images_per_s = batch * iters / total
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {
+        "task": task, "dtype": dtype, "batch": batch, "img_size": size,
+        "images_per_s": images_per_s,
+        "latency_ms_p50": statistics.median(times) * 1e3, "latency_ms_p90": q[8] * 1e3,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1024 ** 3 if device.type == "cuda" else None,
+        "gflops_per_image": per_image / 1e9,
+        "achieved_tflops": per_image * images_per_s / 1e12,
+    }
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "cpu_threads": torch.get_num_threads(), "tf32": torch.backends.cuda.matmul.allow_tf32}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def to_markdown(records: List[Dict[str, object]], env: Dict[str, object], preset: str) -> str:
+    lines = [f"# Efficiency — MedITok `{preset}` on {env.get('gpu', env['device'])}", "",
+             f"torch {env['torch']}; timed after warm-up with device synchronisation; peak memory = "
+             f"`torch.cuda.max_memory_allocated` (weights included). Paper Table S4 (GPU not named): "
+             f"4.69 GB / 92.81 img/s at 16×256, 6.75 GB / 20.63 img/s at 8×512 (reconstruction).", "",
+             "| task | precision | batch | px | images/s | p50 ms | peak GB | TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "–"
+        lines.append(f"| {r['task']} | {r['dtype']} | {r['batch']} | {r['img_size']} | {r['images_per_s']:.1f} | "
+                     f"{r['latency_ms_p50']:.1f} | {mem} | {r['achieved_tflops']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.efficiency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="large", help="model preset (default: large)")
+    parser.add_argument("--checkpoint", default=None, help="optional weights (any source load_meditok accepts)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--settings", nargs="+", type=_parse_setting, default=[_parse_setting(s) for s in PAPER_SETTINGS],
+                        metavar="BATCHxSIZE", help="batch × resolution cells (default: Table S4's 16x256 8x512)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per cell (default 10)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 cells (off by default)")
+    parser.add_argument("--out", default="outputs/efficiency", help="output folder (default outputs/efficiency)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.checkpoint:
+        model = meditok.load_meditok(args.checkpoint, device=device)
+    else:
+        torch.manual_seed(0)
+        model = meditok.build_meditok(args.preset, device=device)
+    model.eval()
+
+    cells = [(t, d, b, s) for (b, s) in args.settings for d in args.dtypes for t in args.tasks]
+    try:
+        from tqdm import tqdm
+        cells_iter = tqdm(cells, desc="efficiency", unit="cell")
+    except ImportError:  # pragma: no cover
+        cells_iter = cells
+    records = []
+    for task, dtype, batch, size in cells_iter:
+        try:
+            records.append(measure(model, task, dtype, batch, size, device, args.warmup, args.iters))
+        except torch.cuda.OutOfMemoryError:
+            records.append({"task": task, "dtype": dtype, "batch": batch, "img_size": size, "error": "out of memory"})
+            torch.cuda.empty_cache()
+    ok = [r for r in records if "error" not in r]
+    env = environment(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "efficiency.json").write_text(json.dumps({"preset": model.config.preset, "environment": env,
+                                                    "paper_table_s4": PAPER_TABLE_S4, "records": records}, indent=2))
+    (out / "efficiency.md").write_text(to_markdown(ok, env, model.config.preset))
+    with open(out / "efficiency.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ok[0]) if ok else ["task"])
+        writer.writeheader()
+        writer.writerows(ok)
+    print(to_markdown(ok, env, model.config.preset))
+    print(f"wrote {out / 'efficiency.json'}, .md and .csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
