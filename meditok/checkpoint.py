@@ -41,7 +41,7 @@ _ANCHOR = "encoder.pos_embed"  # present in every MedITok state dict, released o
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HOW_TO_GET = (
     "Download it from https://huggingface.co/{repo}/tree/main into weights/ "
-    "(e.g. `huggingface-cli download {repo} meditok_simple_v1.pth --local-dir weights`), "
+    "(e.g. `hf download {repo} meditok_simple_v1.pth --local-dir weights`), "
     "or see weights/README.md."
 )
 
