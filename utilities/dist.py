@@ -1,0 +1,89 @@
+"""Distributed helpers: torchrun initialisation (NCCL on GPU, gloo on CPU), rank queries, and an
+all-gather that keeps the gradient of the local shard (for the global-batch contrastive loss)."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device_type: str) -> torch.device:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if device_type == "cuda":
+        return torch.device("cuda", local_rank())
+    return torch.device(device_type)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns each rank the summed gradient of its own shard.
+
+    Every rank computes the same global loss from the gathered batch; the gradient reaching rank r's
+    shard is the sum over ranks of d(loss_k)/d(shard_r), hence the all-reduce in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts: List[torch.Tensor] = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] per rank → [world·b, ...] in rank order, differentiable w.r.t. the local shard.
+    Identity when not distributed. All ranks must pass the same b."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (for logging)."""
+    if not is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()

@@ -1,0 +1,70 @@
+"""Training losses of SPEC §2 (everything except the networks they use, which live in
+``perceptual.py`` and ``discriminator.py``).
+
+L_recon = 0.2·L1 + 1.0·L2 + 1.0·LPIPS + λ_adv·L_adv + 1.0·L_vq, with λ_adv adaptive (VQGAN):
+0.4 × warm-up × ‖∇L_nll‖ / ‖∇L_adv‖ at the decoder's last layer, clamped to [0.015, 1e4].
+L_contrast: symmetric CLIP InfoNCE between the tokenizer's alignment features and the teacher's,
+over the global batch (features gathered across ranks with gradient).
+Discriminator: hinge loss + balanced consistency regularisation (BCR, weight 4).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+
+
+def clip_contrastive_loss(image_features: torch.Tensor, target_features: torch.Tensor,
+                          logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch.
+
+    image_features, target_features: [b, D] per rank, ℓ2-normalised; logit_scale: exp'd scalar.
+    Both sides are gathered from all ranks (with gradient); every rank computes the same loss over
+    the global batch of N = world·b pairs: ½·(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)).
+    """
+    img = dist.all_gather_with_grad(image_features)
+    tgt = dist.all_gather_with_grad(target_features)
+    logits = logit_scale * img @ tgt.t()  # [N, N]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: mean(relu(1 − D(x))) + mean(relu(1 + D(G(z))))."""
+    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator side of the hinge GAN: −mean(D(G(z)))."""
+    return -logits_fake.mean()
+
+
+def bcr_loss(logits_real: torch.Tensor, logits_real_aug: torch.Tensor,
+             logits_fake: torch.Tensor, logits_fake_aug: torch.Tensor) -> torch.Tensor:
+    """Balanced consistency regularisation (Zhao et al. 2020): the discriminator should answer the same
+    for an image and its strongly augmented copy, for real and fake alike:
+    MSE(D(T(x)), D(x)) + MSE(D(T(G(z))), D(G(z))). As in the released training, the gradient flows
+    through both terms of each pair."""
+    return F.mse_loss(logits_real_aug, logits_real) + F.mse_loss(logits_fake_aug, logits_fake)
+
+
+def adaptive_adversarial_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                                base: float = 0.4, warmup: float = 1.0,
+                                clamp: Tuple[float, float] = (0.015, 1e4)) -> torch.Tensor:
+    """λ_adv = base · warmup · ‖∇_w L_nll‖ / ‖∇_w L_adv‖ at the decoder's last-layer weight w (VQGAN),
+    clamped to ``clamp``; returned detached. The two gradients come from autograd.grad with
+    retain_graph, so the main backward pass is unaffected."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    ratio = nll_grad.float().norm() / (g_grad.float().norm() + 1e-6)
+    return (base * warmup * ratio.clamp(*clamp)).detach()
+
+
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """0 → 1 linearly over ``warmup_steps`` (1 from the start when warmup_steps ≤ 0)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
