@@ -1,0 +1,147 @@
+"""Map-style dataset over a metadata CSV (SPEC §3: identifier, caption, modality)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from .errors import MedicalImageError
+from .reading import CTWindowArg
+from .samples import (
+    BadSampleLog,
+    build_sample,
+    check_on_error,
+    read_metadata_csv,
+    resolve_identifier,
+)
+from .windows import DEFAULT_CT_WINDOW
+
+
+class CSVImageDataset(Dataset):
+    """Images listed in a metadata CSV, read with :func:`meditok.data.read_image`.
+
+    Map-style, so it works with any sampler, including ``DistributedSampler`` for per-rank
+    splitting.
+
+    Args:
+        csv_path: the metadata CSV.
+        root: folder that relative identifiers are resolved against; None: as written (absolute,
+            or relative to the working directory).
+        transform: tensor transform applied to the [3, H, W] image in [-1, 1], e.g.
+            ``stage1_augmentation(256)`` or ``eval_transform(256)``.
+        tokenizer: callable str -> LongTensor; when given, each sample has ``text`` and the
+            caption column is required.
+        image_column, caption_column, modality_column: column names. The caption column is
+            optional without a tokenizer (captions are then ''); modality_column=None means no
+            modality column (a CT DICOM is still recognised from its header).
+        sep: the CSV separator.
+        ct_window: how `ct` rows go from HU to [-1, 1]: a window name, (low, high) in HU, or a
+            callable on HU [1, H, W], e.g. ``RandomCTWindow()`` for training.
+        on_error: 'raise' (default) fails fast with a MedicalImageError naming the file and the
+            CSV line; 'skip' replaces a bad sample by the next readable row in CSV order
+            (deterministic, so runs stay reproducible), logs a warning, counts it and appends it
+            to ``error_log_dir/bad_samples.csv``.
+        error_log_dir: where 'skip' writes bad_samples.csv (the run's output folder); None: no file.
+        max_consecutive_bad: under 'skip', give up (raise) after this many bad rows in a row,
+            which means the root or the CSV is wrong rather than a few files.
+
+    Each sample is a dict: ``image`` float32 [3, H, W] in [-1, 1] (after `transform`),
+    ``modality`` (lower-case str, '' if none), ``caption`` (str), ``identifier`` (str, as in the
+    CSV), ``index`` (int, the CSV row actually returned), ``bad_samples_skipped`` (int, bad rows
+    skipped to produce this sample: sum it over batches to count bad samples across DataLoader
+    workers), and ``text`` when a tokenizer was given.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | Path,
+        root: str | Path | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tokenizer: Callable[[str], torch.Tensor] | None = None,
+        image_column: str = "identifier",
+        caption_column: str = "caption",
+        modality_column: str | None = "modality",
+        sep: str = ",",
+        ct_window: CTWindowArg = DEFAULT_CT_WINDOW,
+        on_error: str = "raise",
+        error_log_dir: str | Path | None = None,
+        max_consecutive_bad: int = 100,
+    ):
+        self.csv_path = Path(csv_path)
+        self.root = None if root is None else Path(root)
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.ct_window = ct_window
+        self.on_error = check_on_error(on_error)
+        if max_consecutive_bad < 1:
+            raise ValueError(f"max_consecutive_bad must be >= 1, got {max_consecutive_bad}")
+        self.max_consecutive_bad = max_consecutive_bad
+        required = [image_column]
+        if modality_column is not None:
+            required.append(modality_column)
+        if tokenizer is not None:
+            required.append(caption_column)
+        table = read_metadata_csv(self.csv_path, required, [caption_column], sep)
+        if len(table) == 0:
+            raise MedicalImageError(self.csv_path, "metadata CSV has no rows", "list some images")
+        # Plain lists: cheap to index and to copy into DataLoader workers.
+        self.identifiers = table[image_column].tolist()
+        self.modalities = table[modality_column].tolist() if modality_column else [""] * len(table)
+        self.captions = (
+            table[caption_column].tolist() if caption_column in table else [""] * len(table)
+        )
+        self.bad_samples = BadSampleLog(error_log_dir if on_error == "skip" else None)
+
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+    @property
+    def bad_sample_count(self) -> int:
+        """Bad samples skipped in this process (with workers, sum ``bad_samples_skipped``)."""
+        return self.bad_samples.count
+
+    def load(self, row: int) -> dict[str, Any]:
+        """The sample of one CSV row, without any skip policy (raises MedicalImageError)."""
+        identifier = self.identifiers[row]
+        path = resolve_identifier(identifier, self.root)
+        try:
+            sample = build_sample(
+                str(path),
+                self.modalities[row],
+                self.captions[row],
+                identifier,
+                ct_window=self.ct_window,
+                transform=self.transform,
+                tokenizer=self.tokenizer,
+            )
+        except MedicalImageError as error:
+            raise error.at_csv_line(self.csv_path, row + 2) from error
+        sample["index"] = row
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        if self.on_error == "raise":
+            sample = self.load(index)
+            sample["bad_samples_skipped"] = 0
+            return sample
+        for skipped in range(min(self.max_consecutive_bad, len(self))):
+            row = (index + skipped) % len(self)
+            try:
+                sample = self.load(row)
+            except MedicalImageError as error:
+                self.bad_samples.record(str(self.csv_path), row + 2, self.identifiers[row], error)
+                last_error = error
+                continue
+            sample["bad_samples_skipped"] = skipped
+            return sample
+        raise MedicalImageError(
+            self.csv_path,
+            f"{skipped + 1} consecutive bad rows from line {index + 2}; last: {last_error}",
+            "check the dataset root and the CSV; scripts/data/quality_control.py lists bad files",
+        )
