@@ -53,6 +53,16 @@ class AlignmentHead(nn.Module):
         return F.normalize(self.proj(self.norm(x.float())), dim=-1)
 
 
+class CaptionTokenizer:
+    """str → LongTensor [context_length] for the dataset (the teacher's tokenizer works on lists)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        return self.tokenizer([caption])[0]
+
+
 class TrainingModel(nn.Module):
     """Tokenizer + alignment head in one module, so one DDP wrapper syncs both."""
 
@@ -112,15 +122,17 @@ def build_dataset(args: Args, img_size: int, tokenizer_fn, run_dir: Path):
     return PerSampleSeeded(dataset, args.seed)
 
 
-def visual_batch(args: Args, img_size: int, n: int = 4) -> torch.Tensor:
-    """The first n training images, without augmentation, for the reconstruction grids."""
+def visual_batch(args: Args, img_size: int, n: int = 6) -> torch.Tensor:
+    """Up to n training images without augmentation, one per modality first, for the reconstruction grids."""
     from meditok.data import CSVImageDataset, eval_transform
     if args.train_shards:
         return torch.empty(0)
     ds = CSVImageDataset(args.train_csv, root=args.train_root or None, transform=eval_transform(img_size),
                          image_column=args.image_column, caption_column=args.caption_column,
                          modality_column=args.modality_column, sep=args.csv_sep, on_error="skip")
-    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+    first_of_each = list({m: i for i, m in reversed(list(enumerate(ds.modalities)))}.values())[::-1]
+    rows = (first_of_each + [i for i in range(len(ds)) if i not in first_of_each])[:n]
+    return torch.stack([ds[i]["image"] for i in rows])
 
 
 def log(msg: str) -> None:
@@ -161,7 +173,7 @@ def main(argv=None) -> int:
             teacher = local_openclip.load_vision_teacher(args.biomedclip or None, device=device)
         else:
             teacher = local_openclip.load_text_teacher(args.biomedclip or None, device=device)
-            text_tokenizer = teacher.tokenize_one
+            text_tokenizer = CaptionTokenizer(local_openclip.load_tokenizer(args.biomedclip or None))
     head = AlignmentHead(teacher.output_dim, tokenizer.config.embed_dim).to(device) if teacher is not None else None
     model = TrainingModel(tokenizer, head)
     lpips = None
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
         from utilities.discriminator import build_discriminator
         disc = build_discriminator(args.dino or None, device=device)
         if disc_state is not None:
-            disc.load_trainable_state_dict(disc_state)
+            disc.heads.load_state_dict(disc_state)
 
     # --- data -------------------------------------------------------------------------------------
     dataset = build_dataset(args, img_size, text_tokenizer, run_dir)
@@ -205,7 +217,7 @@ def main(argv=None) -> int:
                             lr=args.lr, betas=tuple(args.betas), eps=args.eps, fused=fused)
     disc_opt = None
     if disc is not None:
-        disc_opt = torch.optim.AdamW(disc.trainable_parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
+        disc_opt = torch.optim.AdamW(disc.heads.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
                                      weight_decay=args.disc_weight_decay, fused=fused)
     ema = None
     if args.ema_decay > 0:
@@ -228,7 +240,7 @@ def main(argv=None) -> int:
             head.load_state_dict(ckpt["heads"])
         opt.load_state_dict(ckpt["optimizer"])
         if disc is not None and ckpt.get("disc") is not None:
-            disc.load_trainable_state_dict(ckpt["disc"])
+            disc.heads.load_state_dict(ckpt["disc"])
             disc_opt.load_state_dict(ckpt["disc_optimizer"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.module.load_state_dict(ckpt["ema"])
@@ -238,7 +250,8 @@ def main(argv=None) -> int:
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=head is None) if world > 1 else model
-    ddp_disc = DDP(disc.heads, device_ids=[device.index] if device.type == "cuda" else None) if (disc and world > 1) else None
+    # DDP syncs the heads only: the frozen DINO has no gradients to reduce
+    ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if (disc and world > 1) else disc
 
     if dist.is_main():
         args.save(run_dir / "args.json")
@@ -257,7 +270,7 @@ def main(argv=None) -> int:
             "format": FORMAT, "config": tokenizer.config.to_dict(), "model": tokenizer.state_dict(),
             "heads": head.state_dict() if head is not None else None,
             "optimizer": opt.state_dict(),
-            "disc": disc.trainable_state_dict() if disc is not None else None,
+            "disc": disc.heads.state_dict() if disc is not None else None,
             "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
             "ema": ema.module.state_dict() if ema is not None else None,
             "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -289,7 +302,7 @@ def main(argv=None) -> int:
     t_start, step_start = time.perf_counter(), step
     bad_samples = 0
     last_layer = tokenizer.decoder.last_layer
-    interrupted = False
+    interrupted = planned = False
     progress = None
     if dist.is_main():
         from tqdm import tqdm
@@ -351,26 +364,32 @@ def main(argv=None) -> int:
                         loss = loss + args.contrast * contrast
                     g_adv = adv_w = torch.zeros((), device=device)
                     if disc_on and disc_warm > 0:
-                        disc.requires_grad_(False)
+                        # generator side: gradients reach the image, not the heads (released: D in eval mode here)
+                        disc.heads.requires_grad_(False)
+                        disc.eval()
                         with autocast():
                             g_adv = hinge_g_loss(disc(diff_augment(rec, cutout=args.diffaug_cutout)).float())
+                        disc.train()
                         adv_w = adaptive_adversarial_weight(nll, g_adv, last_layer, args.adv_weight, disc_warm,
                                                             tuple(args.adv_clamp))
                         loss = loss + adv_w * g_adv
                     (loss / args.grad_accum).backward()
 
                     if disc_on and disc_warm > 0:
-                        disc.requires_grad_(True)
-                        d_net = ddp_disc if ddp_disc is not None else disc.heads
+                        disc.heads.requires_grad_(True)
                         fake = rec.detach()
+                        h, w = images.shape[-2:]
+                        # one crop/resize choice per real/fake pair, shared with its BCR copy so that
+                        # D(x) and D(T(x)) are compared token by token
+                        fit_real, fit_fake = disc.draw_fit(h, w), disc.draw_fit(h, w)
                         with autocast():
-                            real_logits = disc(diff_augment(images, cutout=args.diffaug_cutout), heads=d_net).float()
-                            fake_logits = disc(diff_augment(fake, cutout=args.diffaug_cutout), heads=d_net).float()
+                            real_logits = ddp_disc(diff_augment(images, cutout=args.diffaug_cutout), fit=fit_real).float()
+                            fake_logits = ddp_disc(diff_augment(fake, cutout=args.diffaug_cutout), fit=fit_fake).float()
                             d_loss = hinge_d_loss(real_logits, fake_logits)
                             bcr = torch.zeros((), device=device)
                             if args.bcr_weight > 0:
-                                real_aug = disc(diff_augment(images, cutout=args.bcr_cutout), heads=d_net).float()
-                                fake_aug = disc(diff_augment(fake, cutout=args.bcr_cutout), heads=d_net).float()
+                                real_aug = ddp_disc(diff_augment(images, cutout=args.bcr_cutout), fit=fit_real).float()
+                                fake_aug = ddp_disc(diff_augment(fake, cutout=args.bcr_cutout), fit=fit_fake).float()
                                 bcr = bcr_loss(real_logits, real_aug, fake_logits, fake_aug)
                         # as released: the warm-up scales the generator's adversarial weight; D trains fully
                         ((d_loss + args.bcr_weight * bcr) / args.grad_accum).backward()
@@ -428,10 +447,14 @@ def main(argv=None) -> int:
             if step % args.save_every == 0 and step < total_steps:
                 save(step)
             if stop["requested"]:
-                raise Stop()
-    except (KeyboardInterrupt, Stop):
+                raise Stop("SIGTERM")
+            if args.stop_at_step and args.stop_at_step <= step < total_steps:
+                raise Stop("--stop_at_step")
+    except (KeyboardInterrupt, Stop) as reason:
         interrupted = True
-        log(f"\n[train] interrupted at step {step}: saving a checkpoint so `--resume auto` continues from here")
+        planned = isinstance(reason, Stop) and str(reason) == "--stop_at_step"
+        log(f"\n[train] stopped ({reason or 'interrupted'}) at step {step}/{total_steps}: saving a checkpoint; "
+            f"`--resume auto` continues from here")
         save(step)
     finally:
         if progress is not None:
@@ -449,7 +472,7 @@ def main(argv=None) -> int:
     if wandb_run is not None:
         wandb_run.finish()
     dist.cleanup()
-    return 130 if interrupted else 0
+    return 0 if (not interrupted or planned) else 130
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ class Args:
     # --- output ----------------------------------------------------------------------------------
     output_dir: str = "runs/stage1_tiny"
     resume: str = ""  # '' = fresh run; 'auto' = newest valid checkpoint in output_dir; or a path
+    stop_at_step: int = 0  # save and exit after this step (end of a job allocation); continue with --resume auto
     log_every: int = 10
     vis_every: int = 100
     save_every: int = 200

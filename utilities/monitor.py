@@ -29,21 +29,25 @@ def error_map(inputs: torch.Tensor, recons: torch.Tensor, vmax: float = 0.5) -> 
 
 
 def save_reconstruction_grid(inputs: torch.Tensor, recons: torch.Tensor, path: Path,
-                             title: Optional[str] = None) -> Path:
-    """Save a PNG with one row per image: input | reconstruction | |error| (magma, 0 → 0.5)."""
+                             title: Optional[str] = None, min_tile: int = 128) -> Path:
+    """Save a PNG with one row per image: input | reconstruction | |error| (magma, 0 → 0.5).
+    Tiles smaller than ``min_tile`` pixels are enlarged (nearest neighbour) so small images stay legible."""
     from PIL import Image, ImageDraw
     a, b, e = to_uint8(inputs), to_uint8(recons.clamp(-1, 1)), error_map(inputs, recons)
     rows = [np.concatenate([a[i], b[i], e[i]], axis=1) for i in range(a.shape[0])]
-    grid = np.concatenate(rows, axis=0)
-    header = 18
-    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
-    canvas.paste(Image.fromarray(grid), (0, header))
-    w = a.shape[2]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    scale = max(1, -(-min_tile // a.shape[2]))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    header = 30 if title else 16
+    canvas = Image.new("RGB", (grid.width, grid.height + header), "white")
+    canvas.paste(grid, (0, header))
+    w = a.shape[2] * scale
     draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(("input", "reconstruction", "|error|")):
-        draw.text((i * w + 4, 3), label, fill="black")
+    for i, label in enumerate(("input", "reconstruction", "|error| (0-0.5)")):
+        draw.text((i * w + 4, header - 13), label, fill="black")
     if title:
-        draw.text((3 * w - 4 - 6 * len(title), 3), title, fill="gray")
+        draw.text((4, 1), title, fill="gray")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
