@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     # --- resume -----------------------------------------------------------------------------------
     step, epoch, batch_in_epoch = 0, 0, 0
     ckpt = None
+    if not args.resume and list_checkpoints(run_dir):
+        raise SystemExit(f"{run_dir} already holds checkpoints of a run ({list_checkpoints(run_dir)[0].name}). "
+                         f"Continue it with --resume auto, or pick another --output_dir (nothing was overwritten).")
     if args.resume == "auto":
         ckpt = find_resume_checkpoint(run_dir)
         if ckpt is None:
