@@ -81,6 +81,17 @@ class TrainingModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Setup
 
+def known_peak_flops(device: torch.device, bf16: bool) -> float:
+    """Dense bf16 peak of GPUs we know (for the MFU in the logs); 0 when unknown or not bf16."""
+    if device.type != "cuda" or not bf16:
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
+        if key in name:
+            return tflops * 1e12
+    return 0.0
+
+
 def pick_device(args: Args) -> torch.device:
     kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return dist.init_distributed(kind)
@@ -187,6 +198,12 @@ def main(argv=None) -> int:
         disc = build_discriminator(args.dino or None, device=device)
         if disc_state is not None:
             disc.heads.load_state_dict(disc_state)
+
+    # Model FLOPs utilisation of the tokenizer's step (forward + backward ≈ 3 × forward, FLOPs counted by
+    # torch.utils.flop_counter); the loss networks' FLOPs are not counted, so this is a lower bound.
+    from meditok.info import forward_flops
+    train_flops_per_image = 3 * sum(forward_flops(tokenizer, img_size).values())
+    peak_flops = args.peak_tflops * 1e12 or known_peak_flops(device, bf16)
 
     # --- data -------------------------------------------------------------------------------------
     dataset = build_dataset(args, img_size, text_tokenizer, run_dir)
@@ -429,7 +446,12 @@ def main(argv=None) -> int:
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / max(step - step_start, 1) * (total_steps - step)
                 record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
-                          "images_per_s": rate, "bad_samples": bad_samples, **values}
+                          "images_per_s": rate, "tokenizer_tflops": train_flops_per_image * rate / 1e12,
+                          "bad_samples": bad_samples, **values}
+                if peak_flops:
+                    record["mfu"] = train_flops_per_image * rate / peak_flops
+                if device.type == "cuda":
+                    record["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
                 metrics.write(record)
                 if wandb_run is not None:
                     wandb_run.log(record, step=step)
@@ -437,7 +459,9 @@ def main(argv=None) -> int:
                         f"L2 {values['loss/rec_l2']:.4f} lpips {values['loss/lpips']:.4f} vq {values['loss/vq']:.4f} "
                         f"con {values['loss/contrast']:.3f} adv {values['loss/g_adv']:.3f}×{values['adv_weight']:.3g} "
                         f"D {values.get('loss/disc', 0):.3f} | usage {values['codebook_usage']:.1f}% lr {lr:.2e} | "
-                        f"{rate:.1f} img/s ETA {format_eta(eta)}")
+                        f"{rate:.1f} img/s" + (f" MFU {record['mfu']:.1%}" if peak_flops else "")
+                        + (f" mem {record['gpu_peak_memory_gb']:.1f}G" if device.type == "cuda" else "")
+                        + f" ETA {format_eta(eta)}")
                 if progress is not None and not progress.disable:
                     progress.set_postfix_str(line.split("| ", 1)[1][:120])
                 log(line)

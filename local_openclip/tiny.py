@@ -67,12 +67,23 @@ def tiny_vocabulary() -> List[str]:
     return list(dict.fromkeys(pieces))
 
 
-def make_tiny_biomedclip(out_dir: Union[str, Path], seed: int = 0) -> Path:
+# BiomedCLIP's own sizes, for random stand-ins of the real architecture (speed/memory benchmarks offline).
+FULL_SIZE = dict(vision_trunk="vit_base_patch16_224", embed_dim=512, text_width=768, text_layers=12, text_heads=12,
+                 text_intermediate=3072)
+TINY_SIZE = dict(vision_trunk=TINY_VISION_TRUNK, embed_dim=TINY_EMBED_DIM, text_width=32, text_layers=2, text_heads=2,
+                 text_intermediate=64)
+
+
+def make_tiny_biomedclip(out_dir: Union[str, Path], seed: int = 0, full_size: bool = False) -> Path:
     """Write the tiny BiomedCLIP-layout folder to ``out_dir`` (created; existing files overwritten).
 
     Deterministic for a given ``seed`` (the architecture is built by open_clip from the written config, then
     its random initial weights are saved). Returns ``out_dir`` as a Path. About 2 MB, < 10 s on 2 CPU cores.
+    ``full_size=True`` writes BiomedCLIP's real architecture (ViT-B/16 trunk, 768-d; BERT-base text tower,
+    512-d) with random weights (~800 MB; the small vocabulary is kept): for timing and memory benchmarks
+    on machines that cannot download the real weights, never for training.
     """
+    size = FULL_SIZE if full_size else TINY_SIZE
     import open_clip
     from transformers import BertConfig, BertTokenizer
 
@@ -93,14 +104,15 @@ def make_tiny_biomedclip(out_dir: Union[str, Path], seed: int = 0) -> Path:
     tokenizer.model_max_length = TINY_CONTEXT_LENGTH
     tokenizer.save_pretrained(str(out_dir))
 
-    BertConfig(vocab_size=len(vocabulary), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=TINY_CONTEXT_LENGTH, pad_token_id=0,
+    BertConfig(vocab_size=len(vocabulary), hidden_size=size["text_width"], num_hidden_layers=size["text_layers"],
+               num_attention_heads=size["text_heads"], intermediate_size=size["text_intermediate"],
+               max_position_embeddings=max(TINY_CONTEXT_LENGTH, 512), pad_token_id=0,
                ).save_pretrained(str(out_dir))
 
     open_clip_config = {
         "model_cfg": {
-            "embed_dim": TINY_EMBED_DIM,
-            "vision_cfg": {"timm_model_name": TINY_VISION_TRUNK, "timm_model_pretrained": False, "timm_pool": "",
+            "embed_dim": size["embed_dim"],
+            "vision_cfg": {"timm_model_name": size["vision_trunk"], "timm_model_pretrained": False, "timm_pool": "",
                            "timm_proj": "linear", "image_size": TINY_IMAGE_SIZE},
             "text_cfg": {
                 # As in BiomedCLIP the tower is named by id; the loader points it at this folder's config.json.

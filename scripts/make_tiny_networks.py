@@ -41,6 +41,9 @@ def main(argv=None) -> int:
                         help="output folder (MEDITOK_TINY / MEDITOK_EXTERNAL change the default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
     parser.add_argument("--only", choices=("biomedclip", "dinov2"), default=None, help="write just one of them")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the real architectures (BiomedCLIP ViT-B/16 + BERT-base, DINOv2 ViT-S/14) with random "
+                             "weights, ~900 MB: for GPU speed/memory benchmarks offline, never for training")
     args = parser.parse_args(argv)
 
     from local_openclip.tiny import make_tiny_biomedclip
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
         if args.only and args.only != label:
             continue
         start = time.perf_counter()
-        target = make(out / name, seed=args.seed)
+        target = make(out / name, seed=args.seed, full_size=args.full_size)
         print(f"[{label}] {target}  {folder_size(target) / 1e6:.2f} MB  ({time.perf_counter() - start:.1f} s)")
     print("LPIPS: no file written; use vgg_path='random' (utilities.perceptual.build_lpips) for tiny runs.")
     return 0

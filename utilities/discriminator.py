@@ -105,14 +105,15 @@ def load_dino_backbone(source: Union[str, Path, None] = None, device: Union[str,
     return backbone.to(device)
 
 
-def make_tiny_dino(out_dir: Union[str, Path], seed: int = 0) -> Path:
+def make_tiny_dino(out_dir: Union[str, Path], seed: int = 0, full_size: bool = False) -> Path:
     """Write a tiny random DINOv2-family ViT (patch 14, width 32, 12 blocks, 2 heads, layer scale) in timm's
-    ``local-dir`` layout (``config.json`` + ``model.safetensors``, ≈ 0.9 MB) to ``out_dir``; deterministic."""
+    ``local-dir`` layout (``config.json`` + ``model.safetensors``, ≈ 0.9 MB) to ``out_dir``; deterministic.
+    ``full_size=True``: ViT-S/14's real sizes (width 384, 6 heads) with random weights, for offline benchmarks."""
     import timm
     from timm.models import save_for_hf
 
     out_dir = Path(out_dir)
-    tiny_args = dict(embed_dim=32, depth=12, num_heads=2)
+    tiny_args = dict(embed_dim=384, depth=12, num_heads=6) if full_size else dict(embed_dim=32, depth=12, num_heads=2)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # CPU only: models are built on CPU, and
         # torch.manual_seed would also reset every CUDA generator, which fork_rng(devices=[]) does not restore
