@@ -107,6 +107,9 @@ def make_tiny_biomedclip(out_dir: Union[str, Path], seed: int = 0, full_size: bo
     BertConfig(vocab_size=len(vocabulary), hidden_size=size["text_width"], num_hidden_layers=size["text_layers"],
                num_attention_heads=size["text_heads"], intermediate_size=size["text_intermediate"],
                max_position_embeddings=max(TINY_CONTEXT_LENGTH, 512), pad_token_id=0,
+               # BERT's usual std-0.02 init makes a small random tower give (nearly) the same [CLS] feature for
+               # every caption, so nothing could be aligned to it; a wide init keeps captions distinguishable.
+               initializer_range=0.02 if full_size else 0.5,
                ).save_pretrained(str(out_dir))
 
     open_clip_config = {
