@@ -210,9 +210,11 @@ def main(argv=None) -> int:
     if args.train_shards:
         from torch.utils.data import DataLoader
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, drop_last=True)
-        if not args.max_steps and not args.samples_per_epoch:
-            raise ValueError("--train_shards needs --max_steps or --samples_per_epoch (a stream has no length)")
-        per_epoch = max(1, args.samples_per_epoch // (args.batch_size * world * args.grad_accum))
+        samples = args.samples_per_epoch or dataset.num_samples  # index.json of write_shards knows it
+        if not args.max_steps and not samples:
+            raise ValueError(f"{args.train_shards}: the number of samples is unknown (no index.json); pass "
+                             f"--samples_per_epoch or --max_steps")
+        per_epoch = max(1, (samples or 0) // (args.batch_size * world * args.grad_accum))
     else:
         loader = build_loader(dataset, args.batch_size, args.num_workers, args.seed, rank, world, device.type)
         per_epoch = steps_per_epoch(loader, args.grad_accum)

@@ -2,6 +2,7 @@
 policies, stage 2 continuing stage 1, and the Args plumbing."""
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -156,6 +157,18 @@ def test_stage2_continues_from_stage1_with_a_fresh_text_head(tiny_networks, tmp_
     moved = [k for k in stage1["model"] if not torch.allclose(stage1["model"][k], stage2["model"][k], atol=1e-2)]
     assert len(moved) < len(stage1["model"]) / 2
     assert stage2["disc"] is not None
+
+
+def test_training_streams_webdataset_shards(tiny_networks, tmp_path):
+    from meditok.data import write_shards
+    write_shards(ROOT / "datasets/meta/examples_train.csv", tmp_path / "shards", root=ROOT / "datasets/examples",
+                 shard_size=8)
+    run = tmp_path / "run"
+    flags = base_flags(tiny_networks, run, train_shards=tmp_path / "shards", max_steps=2, use_disc="false",
+                       use_lpips="false")
+    assert train.main(flags) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss/total"]) for r in records)
 
 
 def test_args_precedence_and_errors(tmp_path):
