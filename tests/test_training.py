@@ -171,6 +171,35 @@ def test_training_streams_webdataset_shards(tiny_networks, tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss/total"]) for r in records)
 
 
+def test_two_process_torchrun_on_cpu(tiny_networks, tmp_path):
+    """DDP over gloo, as `NPROC=2 bash scripts/train_stage1.sh` launches it, every loss on."""
+    import subprocess
+    import sys
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py"), *base_flags(tiny_networks, run, max_steps=2, batch_size=2)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and math.isfinite(record["loss/total"]) and record["loss/contrast"] > 0
+    assert (run / "tokenizer" / "model.safetensors").exists()
+
+
+def test_wandb_offline_and_ema_weights(tiny_networks, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    flags = base_flags(tiny_networks, run, max_steps=2, use_disc="false", use_lpips="false", report_wandb="true",
+                       ema_decay=0.9)
+    assert train.main(flags) == 0
+    assert list((run / "wandb").glob("offline-run-*")), "wandb should write an offline run in the run folder"
+    import meditok
+    ema = meditok.load_meditok(run / "tokenizer_ema")
+    final = meditok.load_meditok(run / "tokenizer")
+    differs = any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), final.state_dict().values()))
+    assert differs, "EMA weights should lag behind the trained weights"
+
+
 def test_args_precedence_and_errors(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"stage": 2, "batch_size": 7, "betas": [0.8, 0.9]}))

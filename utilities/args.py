@@ -76,7 +76,6 @@ class Args:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16
     grad_ckpt: bool = False
-    compile: bool = False
     peak_tflops: float = 0.0  # accelerator's peak for the MFU in the logs (0 = known GPUs' bf16 dense peak)
     ema_decay: float = 0.0  # 0 = no EMA weights
     seed: int = 0
