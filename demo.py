@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 import meditok
@@ -56,16 +55,11 @@ def default_images() -> List[Tuple[Path, str]]:
 
 
 def quality(original: torch.Tensor, recon: torch.Tensor) -> Tuple[float, float]:
-    """PSNR (dB) and SSIM of one image pair [3, H, W] in [-1, 1], compared in [0, 1] after uint8 rounding."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    def as01(t):
-        return t.clamp(-1, 1).add(1).mul(127.5).round().div(255).permute(1, 2, 0).cpu().numpy().astype(np.float64)
-    a, b = as01(original), as01(recon)
-    psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
-    ssim = structural_similarity(a, b, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False)
-    return float(psnr), float(ssim)
+    """PSNR (dB) and SSIM of one image pair [3, H, W] in [-1, 1], with the evaluation suite's conventions:
+    both sides quantised to uint8 and compared in [0, 1], data range 1, scikit-image SSIM (docs/evaluation.md)."""
+    from evaluation.metrics import psnr, quantize_to_unit, ssim
+    a, b = quantize_to_unit(original[None]), quantize_to_unit(recon[None])
+    return float(psnr(a, b)[0]), float(ssim(a, b)[0])
 
 
 def save_figure(original: torch.Tensor, recon: torch.Tensor, title: str, path: Path) -> None:

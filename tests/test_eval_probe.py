@@ -1,0 +1,163 @@
+"""Linear probe: the training loop on synthetic features, MedMNIST .npz reading, features, and the CLI end to end."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import meditok
+from evaluation import linear_probe
+from evaluation.linear_probe import FeatureTable, iter_npz_rows, medmnist_dataset, train_linear_probe
+from evaluation.tokenizer import encode_for_evaluation, grid_features_from_ids
+
+
+def _sample(centres, n, rng):
+    labels = rng.integers(0, len(centres), n)
+    return centres[labels] + rng.normal(size=(n, centres.shape[1])), labels
+
+
+def test_probe_reaches_high_auc_on_a_separable_task():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 32))           # class means ~ 8 noise standard deviations apart
+    x_train, y_train = _sample(centres, 1000, rng)
+    x_test, y_test = _sample(centres, 1000, rng)
+    result = train_linear_probe(FeatureTable.from_dense(x_train), y_train, FeatureTable.from_dense(x_test), y_test,
+                                task="multi-class", num_classes=2, epochs=5, progress=False)
+    assert result.best_auc["auc"] >= 95.0
+    assert result.best_map["map"] >= 95.0
+    assert len(result.history) == 5 and result.feature_dim == 32
+
+
+def test_probe_on_shuffled_labels_is_at_chance():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(2, 32))
+    x_train, y_train = _sample(centres, 1000, rng)
+    x_test, y_test = _sample(centres, 2000, rng)
+    result = train_linear_probe(FeatureTable.from_dense(x_train), rng.permutation(y_train),
+                                FeatureTable.from_dense(x_test), rng.permutation(y_test),
+                                task="multi-class", num_classes=2, epochs=5, progress=False)
+    # Peak over epochs of a chance-level AUC: 50 ± a few standard errors (≈ 1.3 points at n = 2000).
+    assert abs(result.best_auc["auc"] - 50.0) < 6.0
+    assert abs(result.final["auc"] - 50.0) < 6.0
+
+
+def test_probe_handles_multi_label_and_multi_class_tasks():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1200, 24))
+    weights = rng.normal(size=(24, 4))
+    multi_label = (x @ weights > 0).astype(int)                       # 4 linearly separable labels
+    result = train_linear_probe(FeatureTable.from_dense(x[:800]), multi_label[:800], FeatureTable.from_dense(x[800:]),
+                                multi_label[800:], task="multi-label", num_classes=4, epochs=5, progress=False,
+                                val=FeatureTable.from_dense(x[800:1000]), val_labels=multi_label[800:1000])
+    assert result.best_auc["auc"] > 90.0
+    assert result.val_selected is not None and set(result.val_selected) >= {"epoch", "auc", "map"}
+    centres = rng.normal(size=(5, 24)) * 2
+    x_train, y_train = _sample(centres, 1000, rng)
+    x_test, y_test = _sample(centres, 500, rng)
+    result = train_linear_probe(FeatureTable.from_dense(x_train), y_train, FeatureTable.from_dense(x_test), y_test,
+                                task="multi-class", num_classes=5, epochs=5, progress=False)
+    assert result.best_auc["auc"] > 95.0
+    assert result.best_auc["classes_scored"] == 5
+
+
+def test_grid_features_from_cached_ids_equal_the_quantised_grid(tiny_model, images):
+    with torch.no_grad():
+        expected = tiny_model.encode_image_vq(images).flatten(1)
+    encoded = encode_for_evaluation(tiny_model, images, reconstruct=False)
+    assert torch.equal(encoded["grid"], expected)
+    ids16 = encoded["ids"].to(torch.int16)                     # the cache stores int16 ids
+    table = FeatureTable.from_ids(ids16.numpy(), tiny_model.quantizer.normalized_codebooks())
+    assert torch.allclose(table.rows(torch.arange(2)), expected)
+    assert torch.allclose(grid_features_from_ids(ids16, tiny_model.quantizer.normalized_codebooks()), expected)
+    with torch.no_grad():
+        reconstruction = tiny_model.img_to_reconstructed_img(images)
+    assert torch.allclose(encode_for_evaluation(tiny_model, images)["reconstruction"], reconstruction)
+
+
+def _write_medmnist(path, n_train=48, n_test=32, size=28, multi_label=False, seed=0):
+    """A MedMNIST-format file: uint8 images, labels [N, 1] (or [N, C]); class 1 images are brighter."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", 16), ("test", n_test)):
+        if multi_label:
+            labels = rng.integers(0, 2, (n, 3))
+            brightness = labels[:, 0]
+        else:
+            labels = rng.integers(0, 2, (n, 1))
+            brightness = labels[:, 0]
+        images = rng.integers(0, 80, (n, size, size)) + 150 * brightness[:, None, None]
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def test_npz_rows_stream_like_numpy_load(tmp_path):
+    arrays = _write_medmnist(tmp_path / "toymnist.npz")
+    chunks = list(iter_npz_rows(tmp_path / "toymnist.npz", "train_images", chunk=10))
+    assert [len(c) for c in chunks] == [10, 10, 10, 10, 8]
+    np.testing.assert_array_equal(np.concatenate(chunks), arrays["train_images"])
+    limited = list(iter_npz_rows(tmp_path / "toymnist.npz", "train_images", chunk=10, limit=15))
+    np.testing.assert_array_equal(np.concatenate(limited), arrays["train_images"][:15])
+    dataset = medmnist_dataset(tmp_path / "toymnist.npz")
+    assert dataset.task == "multi-class" and dataset.num_classes == 2 and dataset.splits == ["train", "val", "test"]
+    assert any("224" in note for note in dataset.notes)           # 28-px files are flagged
+    _write_medmnist(tmp_path / "chesty.npz", multi_label=True)
+    assert medmnist_dataset(tmp_path / "chesty.npz").task == "multi-label"
+    with pytest.raises(linear_probe.ProbeDataError, match="not found"):
+        medmnist_dataset(tmp_path / "missing.npz")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    return str(meditok.save_meditok(meditok.build_meditok("tiny"), tmp_path_factory.mktemp("ckpt") / "tok"))
+
+
+def test_cli_end_to_end_on_npz_and_csv_with_cache(tmp_path, tiny_checkpoint, capsys):
+    _write_medmnist(tmp_path / "toymnist.npz")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--checkpoint", tiny_checkpoint, "--npz", str(tmp_path / "toymnist.npz"), "--img-size", "64",
+            "--epochs", "3", "--cache-dir", str(cache), "--out", str(out), "--quiet", "--device", "cpu",
+            "--train-csv", "datasets/meta/examples_train.csv", "--test-csv", "datasets/meta/examples_val.csv",
+            "--root", "datasets/examples", "--label-column", "modality", "--name", "examples_modality"]
+    assert linear_probe.main(args) == 0
+    result = json.loads((out / "linear_probe.json").read_text())
+    rows = {(r["dataset"], r["features"]): r for r in result["results"]}
+    assert set(rows) == {("toymnist", "grid"), ("toymnist", "pooled"),
+                         ("examples_modality", "grid"), ("examples_modality", "pooled")}
+    assert rows[("toymnist", "grid")]["feature_dim"] == 16 * 64            # 64 px → 4×4 tokens × 64 channels
+    assert rows[("examples_modality", "grid")]["num_classes"] == 7         # modality names numbered
+    assert all(0 <= r["best_auc"] <= 100 for r in rows.values())
+    assert result["warnings"] == []                                        # a checkpoint, not random weights
+    markdown = (out / "linear_probe.md").read_text()
+    assert "paper MedITok" in markdown and "82.27" in markdown
+    history = pd.read_csv(out / "linear_probe_history.csv")
+    assert len(history) == 4 * 3 and {"test_auc", "test_map", "val_auc"} <= set(history.columns)
+    assert len(pd.read_csv(out / "linear_probe.csv")) == 4
+    assert all(s.startswith("computed") for s in result["datasets"][0]["features"].values())
+    # Second run: features come from the cache, and give the same probe.
+    assert linear_probe.main(args) == 0
+    again = json.loads((out / "linear_probe.json").read_text())
+    assert all(s.startswith("cache") for d in again["datasets"] for s in d["features"].values())
+    assert again["results"][0]["best_auc"] == pytest.approx(result["results"][0]["best_auc"])
+    assert "linear probe" in capsys.readouterr().out.lower()
+
+
+def test_cli_explains_missing_data(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        linear_probe.main(["--preset", "tiny", "--random-weights"])
+    assert "--medmnist-root" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="breastmnist"):
+        linear_probe.main(["--preset", "tiny", "--random-weights", "--medmnist-root", str(tmp_path)])
+
+
+def test_help_names_the_protocol(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        linear_probe.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--medmnist-root", "--npz", "--train-csv", "--features", "--cache-dir", "--random-weights"):
+        assert flag in text
+    assert "lr 1e-4" in text and "batch 128" in text

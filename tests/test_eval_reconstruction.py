@@ -1,0 +1,134 @@
+"""Reconstruction CLI end to end on the example data, the FID Inception's local weights, modality names."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import meditok
+from evaluation import fid_inception, reconstruction
+from evaluation.paper import TABLE1_MEDITOK_RFID, table1_modality
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    return str(meditok.save_meditok(meditok.build_meditok("tiny"), tmp_path_factory.mktemp("ckpt") / "tok"))
+
+
+@pytest.mark.parametrize("label, column", [
+    ("CT", "CT"), ("x-ray", "X-ray"), ("Xray", "X-ray"), ("CXR", "X-ray"), ("pathology", "Patho"), ("patho", "Patho"),
+    ("dermoscopy", "Dermo"), ("derm", "Dermo"), ("Fundus", "Fundus"), ("ultrasound", "US"), ("MR", "MRI"),
+    ("endoscopy", "Endo"), ("nuclear_medicine", None), ("microscopy", None), ("", None)])
+def test_modality_labels_map_to_table1_columns(label, column):
+    assert table1_modality(label) == column
+    if column:
+        assert column in TABLE1_MEDITOK_RFID
+
+
+def test_cli_end_to_end_on_examples(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    assert reconstruction.main([
+        "--checkpoint", tiny_checkpoint, "--csv", "datasets/meta/examples_val.csv", "--root", "datasets/examples",
+        "--img-size", "64", "--random-inception", "--num-workers", "0", "--worst", "2", "--out", str(out),
+        "--device", "cpu", "--quiet"]) == 0
+    result = json.loads((out / "reconstruction.json").read_text())
+    csv_rows = pd.read_csv("datasets/meta/examples_val.csv")
+    per_image = pd.read_csv(out / "reconstruction_per_image.csv")
+    assert list(per_image["identifier"]) == list(csv_rows["identifier"])
+    groups = {row["modality"]: row for row in result["per_modality"]}
+    # The examples' labels: ct, mri, ultrasound, fundus, pathology → Table 1 columns; microscopy stays as is.
+    assert {"CT", "MRI", "US", "Fundus", "Patho", "microscopy"} == set(groups)
+    assert groups["US"]["paper_rfid"] == TABLE1_MEDITOK_RFID["US"] and groups["microscopy"]["paper_rfid"] is None
+    # Per-modality means are the means of the per-image values; the average is over modalities.
+    for name, row in groups.items():
+        chosen = per_image[per_image["group"] == name]
+        assert row["images"] == len(chosen)
+        assert row["psnr"] == pytest.approx(chosen["psnr"].mean(), rel=1e-5)
+        assert row["ssim"] == pytest.approx(chosen["ssim"].mean(), rel=1e-5)
+        assert row["rfid"] is None and "at least 2" in row["note"]       # one image per modality here
+    average = result["average_over_modalities"]
+    assert average["psnr"] == pytest.approx(sum(r["psnr"] for r in groups.values()) / len(groups))
+    assert result["all_images"]["images"] == 6 and result["all_images"]["rfid"] is not None
+    assert "meaningless" in result["all_images"]["note"]
+    # Random Inception and random-free tokenizer: exactly one loud warning about rFID comparability.
+    assert any("NOT comparable" in w for w in result["warnings"])
+    assert not any("RANDOM WEIGHTS" in w for w in result["warnings"])
+    assert "data_range=1" in result["conventions"]["ssim"]
+    markdown = (out / "reconstruction.md").read_text()
+    assert "paper MedITok" in markdown and "16.53" in markdown and "WARNING" in markdown
+    assert len(list((out / "worst").glob("rank*.png"))) == 2 and len(result["worst_cases"]) == 2
+    worst_two = sorted(per_image["psnr"])[:2]
+    assert [w["psnr"] for w in result["worst_cases"]] == pytest.approx(worst_two, rel=1e-5)
+    assert len(pd.read_csv(out / "reconstruction.csv")) == len(groups) + 1
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_folder_input_without_fid(tmp_path):
+    out = tmp_path / "out"
+    assert reconstruction.main([
+        "--preset", "tiny", "--random-weights", "--folder", "datasets/examples", "--max-images", "5",
+        "--img-size", "64", "--no-fid", "--num-workers", "0", "--worst", "0", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "reconstruction.json").read_text())
+    assert result["all_images"]["images"] == 5
+    assert all(row["rfid"] is None for row in result["per_modality"])
+    assert any("RANDOM WEIGHTS" in w for w in result["warnings"])
+    # Folder modalities come from the first sub-folder (sorted files: ct/ first).
+    assert result["per_modality"][0]["modality"] == "CT"
+
+
+def test_missing_inception_weights_say_what_to_do(tmp_path, tiny_checkpoint):
+    missing = tmp_path / "external" / fid_inception.FID_INCEPTION_FILENAME
+    with pytest.raises(SystemExit) as exit_info:
+        reconstruction.main(["--checkpoint", tiny_checkpoint, "--csv", "datasets/meta/examples_val.csv",
+                             "--root", "datasets/examples", "--inception-weights", str(missing), "--quiet"])
+    message = str(exit_info.value)
+    assert str(missing.resolve()) in message                     # where it is expected
+    assert fid_inception.FID_INCEPTION_URL in message            # where to get it
+    assert "--random-inception" in message and "--no-fid" in message
+
+
+def test_inception_weights_are_checked_and_loaded_from_the_local_file(tmp_path):
+    wrong = tmp_path / fid_inception.FID_INCEPTION_FILENAME
+    wrong.write_bytes(b"not the weights")
+    with pytest.raises(fid_inception.InceptionWeightsError, match="SHA-256"):
+        fid_inception.build_fid_inception(wrong)
+    # A file with the FID network's layout loads through torch.load(weights_only=True) into pytorch-fid's
+    # InceptionV3 and gives the same features as the same weights built in memory.
+    state_dict = fid_inception.random_inception_state_dict(seed=3)
+    local = tmp_path / "weights.pth"
+    torch.save(state_dict, local)
+    from_file = fid_inception.build_fid_inception(local, sha256_prefix=None)
+    assert all(torch.equal(from_file.state_dict()[f"blocks.0.0.{k[len('Conv2d_1a_3x3.'):]}"], v)
+               for k, v in state_dict.items() if k.startswith("Conv2d_1a_3x3."))
+    in_memory = fid_inception.build_fid_inception(random_weights=True, seed=3)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = fid_inception.inception_features(from_file, images)
+    assert features.shape == (1, fid_inception.FEATURE_DIM)
+    assert torch.allclose(features, fid_inception.inception_features(in_memory, images))
+
+
+def test_help_states_the_conventions(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reconstruction.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for phrase in ("--checkpoint", "--csv", "--folder", "--inception-weights", "--random-inception", "data range 1",
+                   "uint8", fid_inception.FID_INCEPTION_FILENAME):
+        assert phrase in text
+
+
+def test_unreadable_images_stop_the_run_or_are_left_out(tmp_path):
+    rows = pd.read_csv("datasets/meta/examples_val.csv").head(3)
+    rows.loc[1, "identifier"] = "mri/does_not_exist.png"
+    rows.to_csv(tmp_path / "with_missing.csv", index=False)
+    common = ["--preset", "tiny", "--random-weights", "--csv", str(tmp_path / "with_missing.csv"), "--root",
+              "datasets/examples", "--img-size", "64", "--no-fid", "--num-workers", "0", "--worst", "0", "--quiet",
+              "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="does_not_exist.png"):
+        reconstruction.main(common)
+    assert reconstruction.main(common + ["--on-error", "skip"]) == 0
+    result = json.loads((tmp_path / "out" / "reconstruction.json").read_text())
+    assert result["all_images"]["images"] == 2                      # left out, not replaced by another image
+    assert len(result["unreadable"]) == 1 and "does_not_exist.png" in result["unreadable"][0]
+    assert any("unreadable" in w for w in result["warnings"])
