@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of ViT blocks and decoder stages")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tokenizer (compile time excluded)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv parts")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None, help="JSON file to write")
@@ -45,6 +47,9 @@ def main() -> int:
     torch.manual_seed(0)
     model = meditok.build_meditok(args.preset, device=device).train()
     model.set_grad_checkpointing(args.grad_ckpt)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     flops = forward_flops(model, args.img_size)
@@ -63,7 +68,7 @@ def main() -> int:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with cast:
-                    out = model(x)
+                    out = step_model(x)
                     loss = (0.2 * F.l1_loss(out["reconstruction"], x) + F.mse_loss(out["reconstruction"], x)
                             + out["vq_loss"])
                 loss.backward()
@@ -80,7 +85,8 @@ def main() -> int:
             continue
         ips = batch * len(times) / sum(times)
         rec = {"preset": args.preset, "batch": batch, "img_size": args.img_size, "dtype": args.dtype,
-               "grad_ckpt": args.grad_ckpt, "images_per_s": ips, "step_ms_p50": statistics.median(times) * 1e3,
+               "grad_ckpt": args.grad_ckpt, "compile": args.compile, "channels_last": args.channels_last,
+               "images_per_s": ips, "step_ms_p50": statistics.median(times) * 1e3,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else None,
                "model_tflops": train_flops * ips / 1e12, "loss": loss.detach().item()}
         results.append(rec)
