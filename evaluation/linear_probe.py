@@ -506,8 +506,8 @@ def to_markdown(rows: List[Dict[str, Any]], averages: Dict[str, Dict[str, float]
     for note in info["notes"]:
         lines += [f"- {note}"]
     lines += ["", "## Protocol", ""] + [f"- **{k}**: {v}" for k, v in PROTOCOL.items()]
-    lines += [f"- **features**: grid = quantised token grid flattened (L×64); pooled = post-quantisation tokens "
-              f"averaged over the grid (vit_width)", ""]
+    lines += ["- **features**: grid = quantised token grid flattened (L×64); pooled = post-quantisation tokens "
+              "averaged over the grid (vit_width)", ""]
     return "\n".join(lines)
 
 

@@ -1,7 +1,6 @@
 """Checkpoint loading/saving: every supported source round-trips to identical outputs; bad files and
 mismatched weights fail with messages that name the problem."""
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import meditok
-from meditok.info import count_parameters, main as info_main, preset_info
+from meditok.info import main as info_main, preset_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,5 @@
 """Each training loss against a small independent computation written here (SPEC §2)."""
 import math
-import os
 
 import pytest
 import torch

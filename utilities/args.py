@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train the MedITok tokenizer (stage 1: visual alignment; stage 2: textual alignment). "
                     "Values come from the defaults (SPEC §2), then --config, then the command line.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="", help="JSON config: a path or a name in configs/ (e.g. stage1_tiny_cpu)")
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", help="JSON config: a path or a name in configs/ (e.g. stage1_tiny_cpu); "
+                        "values on the command line win over it")
     hints = get_type_hints(Args)
     comments = _field_comments()
     for f in fields(Args):

@@ -9,7 +9,7 @@ depend on which DataLoader worker loads it or on what that worker did before.
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import torch
