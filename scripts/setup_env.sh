@@ -14,6 +14,11 @@ if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
 fi
 echo "[setup] creating $VENV with $($PYTHON --version) (a few minutes the first time)"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+log="$VENV/pip-install.log"
+if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt > "$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -30
+    echo "[setup] pip install failed; full log: $log" >&2
+    exit 1
+fi
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)')"
