@@ -1,0 +1,304 @@
+"""The training step of SPEC §2 and everything it needs: tokenizer, alignment head, frozen teacher,
+LPIPS, DINO discriminator, optimisers, EMA. ``train.py`` drives it over the data; the step benchmark
+(``python -m evaluation.benchmark``) drives it over synthetic batches.
+
+One step (``Trainer.step``), per micro-batch of the gradient accumulation:
+  generator: L = 0.2·L1 + L2 + LPIPS (= L_nll) + VQ + w_c·contrast + λ_adv·hinge_G(D(aug(x̂))),
+             λ_adv adaptive at the decoder's last layer (VQGAN), warmed up; backward.
+  discriminator: hinge(D(aug(x)), D(aug(x̂))) + 4·BCR; backward.
+then clipped AdamW steps, logit-scale clamp, EMA update.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import meditok
+from . import dist
+from .args import Args
+from .checkpointing import list_checkpoints, load_checkpoint
+from .diffaug import diff_augment
+from .losses import (adaptive_adversarial_weight, bcr_loss, clip_contrastive_loss, hinge_d_loss, hinge_g_loss,
+                     linear_warmup)
+from .schedule import cosine_lr
+
+
+class AlignmentHead(nn.Module):
+    """f_vision / f_text of SPEC §2: LayerNorm + linear from the teacher's width to the tokenizer's 768."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim, eps=1e-6)
+        self.proj = nn.Linear(in_dim, out_dim)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(x.float())), dim=-1)
+
+
+class CaptionTokenizer:
+    """str → LongTensor [context_length] for the dataset (the teacher's tokenizer works on lists)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        return self.tokenizer([caption])[0]
+
+
+class TrainingModel(nn.Module):
+    """Tokenizer + alignment head in one module, so one DDP wrapper syncs both."""
+
+    def __init__(self, tokenizer: meditok.MedITok, head: Optional[AlignmentHead]):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.head = head
+
+    def forward(self, images: torch.Tensor, teacher_features: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out = self.tokenizer(images)
+        if self.head is not None and teacher_features is not None:
+            out["target_features"] = self.head(teacher_features)
+        return out
+
+
+def known_peak_flops(device: torch.device, bf16: bool) -> float:
+    """Dense bf16 peak of GPUs we know (for the MFU in the logs); 0 when unknown or not bf16."""
+    if device.type != "cuda" or not bf16:
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
+        if key in name:
+            return tflops * 1e12
+    return 0.0
+
+
+def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, Optional[Dict[str, Any]]]:
+    """Tokenizer from --init_from (weights file/folder or a previous run folder) or from scratch.
+    Returns (tokenizer in train mode, discriminator-heads state of the previous run or None)."""
+    disc_state = None
+    if args.init_from:
+        source = Path(args.init_from)
+        if source.is_dir() and list_checkpoints(source):  # a previous run: its newest checkpoint
+            newest = list_checkpoints(source)[0]
+            tokenizer = meditok.load_meditok(newest, img_size=args.img_size or None)
+            disc_state = load_checkpoint(newest).get("disc")
+        else:
+            tokenizer = meditok.load_meditok(args.init_from, img_size=args.img_size or None)
+        if tokenizer.config.preset != args.preset and dist.is_main():
+            print(f"[init] --init_from holds a {tokenizer.config.preset!r} tokenizer; --preset {args.preset!r} ignored")
+    else:
+        torch.manual_seed(args.seed)
+        tokenizer = meditok.build_meditok(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
+        if args.encoder_init:
+            tokenizer.encoder.load_state_dict(meditok.load_meditok(args.encoder_init).encoder.state_dict(), strict=True)
+    return tokenizer.to(device).train(), disc_state
+
+
+class Trainer:
+    """Networks, optimisers and the training step for one process (see module docstring)."""
+
+    def __init__(self, args: Args, device: torch.device):
+        self.args, self.device = args, device
+        self.world = dist.world_size()
+        self.bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        tokenizer, disc_state = build_tokenizer(args, device)
+        tokenizer.set_grad_checkpointing(args.grad_ckpt)
+        self.tokenizer = tokenizer
+        self.img_size = args.img_size or tokenizer.config.img_size
+
+        self.teacher = self.text_tokenizer = None
+        if args.use_contrast and args.contrast > 0:
+            import local_openclip
+            if args.stage == 1:
+                self.teacher = local_openclip.load_vision_teacher(args.biomedclip or None, device=device)
+            else:
+                self.teacher = local_openclip.load_text_teacher(args.biomedclip or None, device=device)
+                self.text_tokenizer = CaptionTokenizer(local_openclip.load_tokenizer(args.biomedclip or None))
+        self.head = (AlignmentHead(self.teacher.output_dim, tokenizer.config.embed_dim).to(device)
+                     if self.teacher is not None else None)
+        self.model = TrainingModel(tokenizer, self.head)
+        self.lpips = None
+        if args.use_lpips and args.lpips_weight > 0:
+            from .perceptual import build_lpips
+            self.lpips = build_lpips(args.lpips_vgg or None, device=device)
+        self.disc = None
+        if args.use_disc:
+            from .discriminator import build_discriminator
+            self.disc = build_discriminator(args.dino or None, device=device)
+            if disc_state is not None:
+                self.disc.heads.load_state_dict(disc_state)
+
+        fused = device.type == "cuda"
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]  # norms, biases, logit scale: no weight decay
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=args.lr, betas=tuple(args.betas), eps=args.eps, fused=fused)
+        self.disc_opt = None
+        if self.disc is not None:
+            self.disc_opt = torch.optim.AdamW(self.disc.heads.parameters(), lr=args.disc_lr,
+                                              betas=tuple(args.disc_betas), weight_decay=args.disc_weight_decay,
+                                              fused=fused)
+        self.ema = None
+        if args.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            self.ema = AveragedModel(tokenizer, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+        self.ddp_model: nn.Module = self.model
+        self.ddp_disc: Optional[nn.Module] = self.disc
+
+        # MFU of the tokenizer's step (forward + backward ≈ 3 × forward, FLOPs counted by
+        # torch.utils.flop_counter); the loss networks' FLOPs are not counted, so it is a lower bound.
+        from meditok.info import forward_flops
+        self.train_flops_per_image = 3 * sum(forward_flops(tokenizer, self.img_size).values())
+        self.peak_flops = args.peak_tflops * 1e12 or known_peak_flops(device, self.bf16)
+
+    # --------------------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def wrap_for_ddp(self) -> None:
+        """Wrap in DDP when running several processes (after any checkpoint has been loaded)."""
+        if self.world == 1:
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=self.head is None)
+        if self.disc is not None:  # DDP syncs the heads only: the frozen DINO has no gradients to reduce
+            self.ddp_disc = DDP(self.disc, device_ids=ids)
+
+    def losses_summary(self) -> str:
+        return (f"L1/L2{'/LPIPS' if self.lpips else ''}/VQ{'/adv+BCR' if self.disc else ''}"
+                f"{'/contrast×%g' % self.args.contrast if self.teacher is not None else ''}")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything of the networks and optimisers a checkpoint needs (the frozen networks excluded)."""
+        return {
+            "config": self.tokenizer.config.to_dict(), "model": self.tokenizer.state_dict(),
+            "heads": self.head.state_dict() if self.head is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "disc": self.disc.heads.state_dict() if self.disc is not None else None,
+            "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt is not None else None,
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "usage_updates": self.tokenizer.quantizer.usage_updates,
+        }
+
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        self.tokenizer.load_state_dict(ckpt["model"], strict=True)
+        if self.head is not None and ckpt.get("heads") is not None:
+            self.head.load_state_dict(ckpt["heads"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.disc is not None and ckpt.get("disc") is not None:
+            self.disc.heads.load_state_dict(ckpt["disc"])
+            self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        self.tokenizer.quantizer.usage_updates = ckpt.get("usage_updates", ckpt.get("step", 0))
+
+    # --------------------------------------------------------------------------------------------
+    def step(self, batches: List[Dict[str, Any]], step: int, total_steps: int, warmup_steps: int,
+             disc_start: int, disc_warmup: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
+        """One optimiser step over ``len(batches)`` micro-batches (gradient accumulation).
+
+        Each batch holds ``image`` [b, 3, H, W] in [-1, 1] and, in stage 2, ``text`` token ids [b, L].
+        Returns (logged values as 0-d tensors — no host sync here, gradient norm, learning rate)."""
+        args, device, autocast = self.args, self.device, self.autocast
+        lr = cosine_lr(step, total_steps, args.lr, args.lr_end, warmup_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        disc_step = step - disc_start
+        disc_on = self.disc is not None and disc_step >= 0
+        disc_warm = linear_warmup(disc_step, disc_warmup) if disc_on else 0.0
+        disc_active = disc_on and disc_warm > 0
+        if self.disc_opt is not None:
+            for g in self.disc_opt.param_groups:
+                g["lr"] = cosine_lr(max(disc_step, 0), max(total_steps - disc_start, 1), args.disc_lr,
+                                    args.disc_lr_end, 0)
+        last_layer = self.tokenizer.decoder.last_layer
+        zero = torch.zeros((), device=device)
+        logs: Dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(batches):
+            images = batch["image"].to(device, non_blocking=True)
+            last_micro = micro == len(batches) - 1
+            sync = contextlib.nullcontext() if (self.world == 1 or last_micro) else self.ddp_model.no_sync()
+            with sync:
+                teacher_features = None
+                if self.teacher is not None:
+                    with torch.no_grad(), autocast():
+                        inputs = images if args.stage == 1 else batch["text"].to(device, non_blocking=True)
+                        teacher_features = self.teacher(inputs).float()
+                with autocast():
+                    out = self.ddp_model(images, teacher_features)
+                rec = out["reconstruction"].float()
+                l1 = F.l1_loss(rec, images)
+                l2 = F.mse_loss(rec, images)
+                nll = args.l1_weight * l1 + args.l2_weight * l2
+                lp = zero
+                if self.lpips is not None:
+                    with autocast():
+                        lp = self.lpips(rec, images).float().mean()
+                    nll = nll + args.lpips_weight * lp
+                loss = nll + args.vq_weight * out["vq_loss"]
+                contrast = zero
+                if self.teacher is not None:
+                    contrast = clip_contrastive_loss(out["image_features"].float(), out["target_features"],
+                                                     out["logit_scale"])
+                    loss = loss + args.contrast * contrast
+                g_adv = adv_w = zero
+                if disc_active:
+                    # generator side: gradients reach the image, not the heads (released: D in eval mode here)
+                    self.disc.heads.requires_grad_(False)
+                    self.disc.eval()
+                    with autocast():
+                        g_adv = hinge_g_loss(self.disc(diff_augment(rec, cutout=args.diffaug_cutout)).float())
+                    self.disc.train()
+                    adv_w = adaptive_adversarial_weight(nll, g_adv, last_layer, args.adv_weight, disc_warm,
+                                                        tuple(args.adv_clamp))
+                    loss = loss + adv_w * g_adv
+                (loss / len(batches)).backward()
+
+                if disc_active:
+                    self.disc.heads.requires_grad_(True)
+                    fake = rec.detach()
+                    h, w = images.shape[-2:]
+                    # one crop/resize choice per real/fake pair, shared with its BCR copy so that
+                    # D(x) and D(T(x)) are compared token by token
+                    fit_real, fit_fake = self.disc.draw_fit(h, w), self.disc.draw_fit(h, w)
+                    d = self.ddp_disc
+                    with autocast():
+                        real_logits = d(diff_augment(images, cutout=args.diffaug_cutout), fit=fit_real).float()
+                        fake_logits = d(diff_augment(fake, cutout=args.diffaug_cutout), fit=fit_fake).float()
+                        d_loss = hinge_d_loss(real_logits, fake_logits)
+                        bcr = zero
+                        if args.bcr_weight > 0:
+                            real_aug = d(diff_augment(images, cutout=args.bcr_cutout), fit=fit_real).float()
+                            fake_aug = d(diff_augment(fake, cutout=args.bcr_cutout), fit=fit_fake).float()
+                            bcr = bcr_loss(real_logits, real_aug, fake_logits, fake_aug)
+                    # as released: the warm-up scales the generator's adversarial weight; D trains fully
+                    ((d_loss + args.bcr_weight * bcr) / len(batches)).backward()
+                    logs.update({"loss/disc": d_loss.detach(), "loss/bcr": bcr.detach(),
+                                 "disc/acc_real": (real_logits.detach() > 0).float().mean(),
+                                 "disc/acc_fake": (fake_logits.detach() < 0).float().mean()})
+            logs.update({"loss/rec_l1": l1.detach(), "loss/rec_l2": l2.detach(), "loss/lpips": lp.detach(),
+                         "loss/vq": out["vq_loss"].detach(), "loss/contrast": contrast.detach(),
+                         "loss/g_adv": g_adv.detach(), "adv_weight": adv_w.detach(),
+                         "codebook_usage": out["codebook_usage"].detach(), "loss/total": loss.detach()})
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if disc_active:
+            self.disc_opt.step()
+            self.disc_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.tokenizer.logit_scale.clamp_(0, math.log(100))
+        if self.ema is not None:
+            self.ema.update_parameters(self.tokenizer)
+        return logs, grad_norm, lr
