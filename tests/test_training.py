@@ -200,6 +200,15 @@ def test_wandb_offline_and_ema_weights(tiny_networks, tmp_path, monkeypatch):
     assert differs, "EMA weights should lag behind the trained weights"
 
 
+def test_bf16_autocast_step_on_cpu(tiny_networks, tmp_path):
+    """bf16 autocast (the GPU default) also runs on CPU; autocast op lists differ between devices, so the
+    losses must not rely on a device's casting rules (a bf16 target feature once broke the CPU path)."""
+    run = tmp_path / "run"
+    assert train.main(base_flags(tiny_networks, run, max_steps=1, precision="bf16")) == 0
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["loss/total"]) and record["loss/contrast"] > 0
+
+
 def test_args_precedence_and_errors(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"stage": 2, "batch_size": 7, "betas": [0.8, 0.9]}))

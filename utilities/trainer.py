@@ -248,7 +248,7 @@ class Trainer:
                 loss = nll + args.vq_weight * out["vq_loss"]
                 contrast = zero
                 if self.teacher is not None:
-                    contrast = clip_contrastive_loss(out["image_features"].float(), out["target_features"],
+                    contrast = clip_contrastive_loss(out["image_features"].float(), out["target_features"].float(),
                                                      out["logit_scale"])
                     loss = loss + args.contrast * contrast
                 g_adv = adv_w = zero
