@@ -78,3 +78,15 @@ def default_location(constant: str) -> str:
 def tiny_location(name: str) -> str:
     """Absolute path of one tiny variant, e.g. ``tiny_location(TINY_BIOMEDCLIP_NAME)``."""
     return str(Path(default_location(TINY_DIR)) / name)
+
+
+def resolve_source(source, default_constant: str, tiny_name: str) -> str:
+    """How every network ``source`` argument is read: ``None``/``""`` → the default location of
+    ``default_constant``, ``"tiny"`` → the tiny variant ``tiny_name``, ``local-dir:PATH`` → ``PATH``;
+    ``hf-hub:`` ids and other paths are returned as given (as strings)."""
+    if source is None or str(source) == "":
+        return default_location(default_constant)
+    if str(source) == "tiny":
+        return tiny_location(tiny_name)
+    source = str(source)
+    return source[len("local-dir:"):] if source.startswith("local-dir:") else source

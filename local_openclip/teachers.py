@@ -24,8 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .constants import (BIOMEDCLIP_HUB_ID, BIOMEDCLIP_LOCAL_DIR, TINY_BIOMEDCLIP_NAME, default_location,
-                        tiny_location)
+from .constants import BIOMEDCLIP_HUB_ID, BIOMEDCLIP_LOCAL_DIR, TINY_BIOMEDCLIP_NAME, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +63,9 @@ def resolve_biomedclip_source(source: Union[str, Path, None] = None) -> BiomedCL
     the folder and the fix.
     """
     given = source
-    if source is None or str(source) == "":
-        source = default_location(BIOMEDCLIP_LOCAL_DIR)
-    elif str(source) == "tiny":
-        source = tiny_location(TINY_BIOMEDCLIP_NAME)
-    source = str(source)
+    source = resolve_source(source, BIOMEDCLIP_LOCAL_DIR, TINY_BIOMEDCLIP_NAME)
     if source.startswith("hf-hub:"):
         return BiomedCLIPSource(hub_id=source, given=given)
-    if source.startswith("local-dir:"):
-        source = source[len("local-dir:"):]
     folder = Path(source).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from local_openclip.constants import DINO_HUB_ID, DINO_PATH, TINY_DINO_NAME, default_location, tiny_location
+from local_openclip.constants import DINO_HUB_ID, DINO_PATH, TINY_DINO_NAME, default_location, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +54,9 @@ _HOW_TO_GET = ("get it with `hf download timm/vit_small_patch14_dinov2.lvd142m -
 def _timm_create_arguments(source: Union[str, Path, None]) -> Tuple[str, Dict, str]:
     """Map a DINO ``source`` to ``(timm model name, extra create_model kwargs, description)``; check files exist."""
     given = source
-    if source is None or str(source) == "":
-        source = default_location(DINO_PATH)
-    elif str(source) == "tiny":
-        source = tiny_location(TINY_DINO_NAME)
-    source = str(source)
+    source = resolve_source(source, DINO_PATH, TINY_DINO_NAME)
     if source.startswith("hf-hub:"):
         return source, {}, source
-    if source.startswith("local-dir:"):
-        source = source[len("local-dir:"):]
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
