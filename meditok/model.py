@@ -177,13 +177,13 @@ class MedITok(nn.Module):
         """[B, 3, H, W] in [-1, 1] → reconstruction [B, 3, H, W] in [-1, 1] (encode, quantize, decode)."""
         z, grid = self.encode_latent(x)
         with autocast_off(z):
-            z_q = self.quantizer.idx_to_f(self.quantizer.f_to_idx(z))
+            _, z_q = self.quantizer.quantize(z)
         return self.decode_latent(z_q, grid).float().clamp(-1, 1)
 
     def encode_image_vq(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] → quantized latent [B, L, 64], float32 (each 8-d chunk a unit codeword)."""
         z, _ = self.encode_latent(x)
-        return self.quantizer.idx_to_f(self.quantizer.f_to_idx(z))
+        return self.quantizer.quantize(z)[1]
 
     def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """[B, 3, H, W] → alignment embedding [B, 768] (the space trained against the teachers);

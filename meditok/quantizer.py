@@ -84,11 +84,37 @@ class MultiCodebookQuantizer(nn.Module):
         sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))
         return sim.argmax(dim=-1)  # [K, N]
 
+    def _assign(self, z: torch.Tensor):
+        """Nearest codewords of z [B, L, K*D] → (unit chunks [K, N, D], ids [K, N], codewords [K, N, D])."""
+        z_chunks = self._chunks(z)
+        codebooks = self.normalized_codebooks()  # [K, V, D]
+        ids = self._nearest(z_chunks, codebooks)
+        return z_chunks, ids, self._gather(codebooks, ids)
+
+    @staticmethod
+    def _gather(codebooks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """codebooks [K, V, D], ids [K, N] → codewords [K, N, D] (differentiable w.r.t. the codebooks)."""
+        return torch.gather(codebooks, 1, ids.unsqueeze(-1).expand(*ids.shape, codebooks.shape[-1]))
+
+    def _to_latent(self, e: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        """[K, B*L, D] → [B, L, K*D]."""
+        return e.transpose(0, 1).reshape(B, L, self.num_codebooks * self.codebook_dim)
+
+    def _to_ids(self, ids: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        """[K, B*L] → [B, K, L]."""
+        return ids.reshape(self.num_codebooks, B, L).transpose(0, 1)
+
     def f_to_idx(self, z: torch.Tensor) -> torch.Tensor:
         """Continuous latent [B, L, K*D] → ids [B, K, L] (int64)."""
         B, L, _ = z.shape
-        ids = self._nearest(self._chunks(z), self.normalized_codebooks())
-        return ids.reshape(self.num_codebooks, B, L).transpose(0, 1)
+        return self._to_ids(self._nearest(self._chunks(z), self.normalized_codebooks()), B, L)
+
+    def quantize(self, z: torch.Tensor):
+        """Continuous latent [B, L, K*D] → (ids [B, K, L], quantized latent [B, L, K*D]); the inference path:
+        equals ``idx_to_f(f_to_idx(z))`` without the id validation, no loss, no usage tracking."""
+        B, L, _ = z.shape
+        _, ids, e = self._assign(z)
+        return self._to_ids(ids, B, L), self._to_latent(e, B, L)
 
     def idx_to_f(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, K, L] or [B, K, h, w] → quantized latent [B, L, K*D] (unit-norm chunks, float32)."""
@@ -100,24 +126,17 @@ class MultiCodebookQuantizer(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
             raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        codebooks = self.normalized_codebooks()  # [K, V, D]
-        flat = ids.transpose(0, 1).reshape(K, B * L)  # [K, N]
-        e = torch.gather(codebooks, 1, flat.unsqueeze(-1).expand(K, B * L, self.codebook_dim))  # [K, N, D]
-        return e.transpose(0, 1).reshape(B, L, K * self.codebook_dim)
+        e = self._gather(self.normalized_codebooks(), ids.transpose(0, 1).reshape(K, B * L))
+        return self._to_latent(e, B, L)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """z [B, L, K*D] (any float dtype; computed in float32) → QuantizerOutput."""
         B, L, _ = z.shape
-        K, D = self.num_codebooks, self.codebook_dim
-        z_chunks = self._chunks(z)  # [K, N, D]
-        codebooks = self.normalized_codebooks()  # [K, V, D]
-        ids = self._nearest(z_chunks, codebooks)  # [K, N]
-        e = torch.gather(codebooks, 1, ids.unsqueeze(-1).expand(K, B * L, D))  # [K, N, D], grad → codebooks
+        z_chunks, ids, e = self._assign(z)  # e carries the gradient to the codebooks
         loss = self.beta * F.mse_loss(z_chunks, e.detach()) + F.mse_loss(e, z_chunks.detach())
         quantized = z_chunks + (e - z_chunks).detach()  # straight-through estimator
-        quantized = quantized.transpose(0, 1).reshape(B, L, K * D)
         usage = self._track_usage(ids)
-        return QuantizerOutput(quantized, ids.reshape(K, B, L).transpose(0, 1), loss, usage)
+        return QuantizerOutput(self._to_latent(quantized, B, L), self._to_ids(ids, B, L), loss, usage)
 
     @torch.no_grad()
     def _track_usage(self, ids: torch.Tensor) -> torch.Tensor:
