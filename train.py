@@ -198,7 +198,8 @@ def main(argv=None) -> int:
                 progress.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                values = {k: float(dist.all_reduce_mean(v)) for k, v in logs.items()}
+                keys = list(logs)  # one collective and one host sync for all logged values
+                values = dict(zip(keys, dist.all_reduce_mean(torch.stack([logs[k].float() for k in keys])).tolist()))
                 if not math.isfinite(values["loss/total"]):
                     raise FloatingPointError(f"non-finite loss at step {step}: "
                                              + ", ".join(f"{k}={v:.4g}" for k, v in values.items())

@@ -94,7 +94,8 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # memory-mapped: a `large` checkpoint (model + optimiser states, ~8.5 GB) is not copied into RAM first
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a MedITok training checkpoint (format {ckpt.get('format')!r})")
     return ckpt

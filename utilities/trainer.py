@@ -86,10 +86,13 @@ def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, 
     disc_state = None
     if args.init_from:
         source = Path(args.init_from)
-        if source.is_dir() and list_checkpoints(source):  # a previous run: its newest checkpoint
-            newest = list_checkpoints(source)[0]
-            tokenizer = meditok.load_meditok(newest, img_size=args.img_size or None)
-            disc_state = load_checkpoint(newest).get("disc")
+        if source.is_dir() and list_checkpoints(source):  # a previous run: its newest checkpoint, read once
+            ckpt = load_checkpoint(list_checkpoints(source)[0])
+            config = meditok.MedITokConfig.from_dict(ckpt["config"])
+            tokenizer = meditok.build_meditok(config.replace(img_size=args.img_size) if args.img_size else config,
+                                              empty=True)
+            tokenizer.load_state_dict(ckpt["model"], strict=True, assign=True)
+            disc_state = ckpt.get("disc")
         else:
             tokenizer = meditok.load_meditok(args.init_from, img_size=args.img_size or None)
         if tokenizer.config.preset != args.preset and dist.is_main():
