@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from evaluation import report
 from utilities.args import Args
 from utilities.trainer import Trainer
 
@@ -116,8 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 train_csv=a.train_csv, train_root=a.train_root, num_workers=a.num_workers, batch_size=a.batch_sizes[0])
     torch.manual_seed(0)
     trainer = Trainer(args, device)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    env = {**report.environment(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
@@ -171,8 +170,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         model.train()
 
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2))
     lines = [f"## Training step — {env['gpu'] or env['device']}, {env['precision']}, losses {env['losses']}", "",
              "| stage | batch | px | ckpt | data | images/s | p50 ms | peak GB | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for c in results["train_step"]:
@@ -191,7 +188,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "–"
             lines.append(f"| {r['task']} | {r['batch']} | {r['img_size']} | {r['images_per_s']:.1f} | {mem} |")
-    (out / "benchmark.md").write_text("\n".join(lines) + "\n")
+    report.write_outputs(out, "benchmark", results, "\n".join(lines),
+                         {"train_step": results["train_step"], "inference": results["inference"]})
     print("\n".join(lines))
     print(f"wrote {out / 'benchmark.json'} and benchmark.md")
     return 0

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 import meditok
+from evaluation import report
 from meditok.info import forward_flops
 
 TASKS = ("tokenize", "decode", "reconstruct")
@@ -99,11 +97,7 @@ def measure(model: meditok.MedITok, task: str, dtype: str, batch: int, size: int
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "cpu_threads": torch.get_num_threads(), "tf32": torch.backends.cuda.matmul.allow_tf32}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
+    return {**report.environment(device), "tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 def to_markdown(records: List[Dict[str, object]], env: Dict[str, object], preset: str) -> str:
@@ -161,15 +155,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ok = [r for r in records if "error" not in r]
     env = environment(device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "efficiency.json").write_text(json.dumps({"preset": model.config.preset, "environment": env,
-                                                    "paper_table_s4": PAPER_TABLE_S4, "records": records}, indent=2))
-    (out / "efficiency.md").write_text(to_markdown(ok, env, model.config.preset))
-    with open(out / "efficiency.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(ok[0]) if ok else ["task"])
-        writer.writeheader()
-        writer.writerows(ok)
-    print(to_markdown(ok, env, model.config.preset))
+    markdown = to_markdown(ok, env, model.config.preset)
+    report.write_outputs(out, "efficiency", {"preset": model.config.preset, "environment": env,
+                                             "paper_table_s4": PAPER_TABLE_S4, "records": records},
+                         markdown, {"": ok})
+    print(markdown)
     print(f"wrote {out / 'efficiency.json'}, .md and .csv")
     return 0
 
