@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import meditok
 from meditok.config import PRESETS, MedITokConfig
 from meditok.projection import CausalAttention
-from meditok.vitamin import InvMbConvBlock, InvStem
+from meditok.vitamin import InvMbConvBlock, InvStem, Upsample2d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,3 +258,24 @@ def test_decoder_conv_blocks_match_functional_reference():
         assert got.shape == (2, 8, 10, 12)
         s = F.conv2d(F.gelu(ln2d(up(got, stem.conv1), stem.norm1)), stem.conv2.weight, stem.conv2.bias, padding=1)
         torch.testing.assert_close(stem(got), s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 16, 1, 1), (3, 8, 6, 5)])
+def test_upsampling_conv_equals_nearest_upsample_then_3x3_conv(shape):
+    """The transposed-conv form of Upsample2d against the textbook nearest ×2 + 3×3 conv, values and gradients
+    (float64, so that only the order of additions differs), on odd, non-square and 1×1 maps."""
+    torch.manual_seed(0)
+    b, c_in, h, w = shape
+    up = Upsample2d(c_in, 7).double()
+    x = torch.randn(b, c_in, h, w, dtype=torch.float64, requires_grad=True)
+    reference = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+    got = up(x)
+    assert got.shape == (b, 7, 2 * h, 2 * w)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-12)
+    weights = torch.randn_like(reference)
+    for g, r in zip(torch.autograd.grad((got * weights).sum(), (x, up.conv.weight, up.conv.bias)),
+                    torch.autograd.grad((reference * weights).sum(), (x, up.conv.weight, up.conv.bias))):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+    with torch.no_grad():  # the direct form stays available, and the state dict is the plain conv's
+        torch.testing.assert_close(up(x, direct=True), reference)
+    assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
