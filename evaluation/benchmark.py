@@ -90,6 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="per-GPU batches to time")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the tokenizer")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (train.py --channels_last)")
+    p.add_argument("--compile", action="store_true", help="torch.compile tokenizer and loss networks (train.py --compile)")
+    p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--biomedclip", default="", help="teacher source (folder, hub id, 'tiny'); '' = default path")
     p.add_argument("--dino", default="", help="discriminator backbone source ('tiny' for tests)")
@@ -112,12 +115,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     args = Args(stage=a.stage, preset=a.preset, img_size=a.img_size, device=a.device, precision=a.precision,
-                grad_ckpt=a.grad_ckpt, biomedclip=a.biomedclip, dino=a.dino, lpips_vgg=a.lpips_vgg,
+                grad_ckpt=a.grad_ckpt, channels_last=a.channels_last, compile=a.compile,
+                compile_backend=a.compile_backend, biomedclip=a.biomedclip, dino=a.dino, lpips_vgg=a.lpips_vgg,
                 train_csv=a.train_csv, train_root=a.train_root, num_workers=a.num_workers, batch_size=a.batch_sizes[0])
     torch.manual_seed(0)
     trainer = Trainer(args, device)
     env = {**report.environment(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
+           "channels_last": a.channels_last, "compile": a.compile and a.compile_backend,
            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
     results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}

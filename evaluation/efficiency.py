@@ -126,6 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per cell (default 10)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 cells (off by default)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (MedITok.speed_up)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (MedITok.speed_up); "
+                        "raise --warmup: each new shape compiles first")
     parser.add_argument("--out", default="outputs/efficiency", help="output folder (default outputs/efficiency)")
     args = parser.parse_args(argv)
 
@@ -137,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         torch.manual_seed(0)
         model = meditok.build_meditok(args.preset, device=device)
-    model.eval()
+    model.eval().speed_up(channels_last=args.channels_last, compile=args.compile)
 
     cells = [(t, d, b, s) for (b, s) in args.settings for d in args.dtypes for t in args.tasks]
     try:
@@ -153,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             records.append({"task": task, "dtype": dtype, "batch": batch, "img_size": size, "error": "out of memory"})
             torch.cuda.empty_cache()
     ok = [r for r in records if "error" not in r]
-    env = environment(device)
+    env = {**environment(device), "channels_last": args.channels_last, "compile": args.compile}
     out = Path(args.out)
     markdown = to_markdown(ok, env, model.config.preset)
     report.write_outputs(out, "efficiency", {"preset": model.config.preset, "environment": env,

@@ -101,6 +101,29 @@ class MedITok(nn.Module):
         self.encoder.grad_checkpointing = enable
         self.decoder.grad_checkpointing = enable
 
+    def speed_up(self, channels_last: bool = False, compile: bool = False, backend: str = "inductor",
+                 mode: Optional[str] = None) -> "MedITok":
+        """Run-time options for speed that change neither the parameters' names nor the results (beyond float
+        rounding); in place, returns the model.
+
+        ``channels_last``: the encoder and decoder convolutions keep their weights and activations in NHWC
+        layout (cuDNN's fast path for bf16 convolutions, and LayerNorm2d's permutes become free); the decoder
+        already receives NHWC-strided maps from its token reshape. ``compile``: ``torch.compile`` of the
+        encoder and the decoder (each module compiled in place with ``backend``/``mode``; the quantizer and
+        projections stay eager, fp32; each new input shape compiles once). A part that fails to compile runs eagerly, with dynamo's warning,
+        instead of stopping the run.
+        """
+        if channels_last:
+            for part in (self.encoder, self.decoder):
+                part.to(memory_format=torch.channels_last)
+            self.encoder.channels_last = True
+        if compile:
+            from torch import _dynamo
+            _dynamo.config.suppress_errors = True  # fall back to eager for whatever cannot compile
+            for part in (self.encoder, self.decoder):
+                part.compile(backend=backend, mode=mode, dynamic=False)  # one specialised graph per shape
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device

@@ -83,8 +83,11 @@ class ViTaminEncoder(nn.Module):
         self.blocks = vit_blocks(vit_width, vit_depth, vit_heads, mlp_ratio, drop_path)
         self.norm = ViTLayerNorm(vit_width)
         self.grad_checkpointing = False
+        self.channels_last = False  # MedITok.speed_up(channels_last=True): NHWC convolutions
 
     def forward(self, x: torch.Tensor, return_grid: bool = False):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x, grid = self.patch_embed(x)
         x = x + self.pos_embed
         x = _run_blocks(self.blocks, x, self.grad_checkpointing)

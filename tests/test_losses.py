@@ -51,22 +51,14 @@ def test_bcr_is_mean_squared_consistency_for_real_and_fake():
 
 
 def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
-    w = torch.randn(4, 3, requires_grad=True)
     a, b = torch.randn(4, 3), torch.randn(4, 3)
-    nll = (w * a).sum()  # ∇ = a
-    g = (w ** 2 * b).sum()  # ∇ = 2·w·b
-    ratio = a.norm() / ((2 * w.detach() * b).norm() + 1e-6)
-    got = adaptive_adversarial_weight(nll, g, w, base=0.4, warmup=0.5, clamp=(0.0, 1e4))
+    ratio = a.norm() / (b.norm() + 1e-6)
+    got = adaptive_adversarial_weight(a, b, base=0.4, warmup=0.5, clamp=(0.0, 1e4))
     assert float(got) == pytest.approx(0.4 * 0.5 * float(ratio), rel=1e-5)
-    assert not got.requires_grad
+    assert not adaptive_adversarial_weight(a.requires_grad_(), b, base=0.4).requires_grad
     # clamping of the ratio at both ends
-    tiny = adaptive_adversarial_weight((w * 1e-9).sum(), g, w, base=0.4, clamp=(0.015, 1e4))
-    assert float(tiny) == pytest.approx(0.4 * 0.015)
-    huge = adaptive_adversarial_weight((w * 1e9).sum(), (w * 1e-9).sum(), w, base=0.4, clamp=(0.015, 1e4))
-    assert float(huge) == pytest.approx(0.4 * 1e4)
-    # the main graph is still usable afterwards (retain_graph)
-    (nll + g).backward()
-    assert w.grad is not None
+    assert float(adaptive_adversarial_weight(a * 1e-9, b, base=0.4, clamp=(0.015, 1e4))) == pytest.approx(0.4 * 0.015)
+    assert float(adaptive_adversarial_weight(a * 1e9, b * 1e-9, base=0.4, clamp=(0.015, 1e4))) == pytest.approx(0.4 * 1e4)
 
 
 def test_schedules():

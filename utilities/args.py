@@ -76,6 +76,9 @@ class Args:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16
     grad_ckpt: bool = False
+    channels_last: bool = False  # NHWC convolutions in the tokenizer and LPIPS (speed only; see docs/performance.md)
+    compile: bool = False  # torch.compile the tokenizer's encoder/decoder and the loss networks (eager fallback)
+    compile_backend: str = "inductor"  # torch.compile backend ('aot_eager' traces without generating kernels)
     peak_tflops: float = 0.0  # accelerator's peak for the MFU in the logs (0 = known GPUs' bf16 dense peak)
     ema_decay: float = 0.0  # 0 = no EMA weights
     seed: int = 0

@@ -258,9 +258,22 @@ class DinoDiscriminator(nn.Module):
                                                    return_prefix_tokens=True)
         return [torch.cat([prefix, patches], dim=1) for patches, prefix in features]
 
-    def forward(self, images: torch.Tensor, fit: Union[str, DinoFit, None] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        tokens = self.block_tokens(self.prepare(images, fit=fit, generator=generator))
+    def forward(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], fit=None,
+                generator: Optional[torch.Generator] = None):
+        """Logits [B, T_total] for one batch; or, given a list of batches (and optionally a list of fits, one
+        per batch), a list of their logits computed in ONE DINO + heads pass over the concatenated batches —
+        what the discriminator step uses for its four batches (real, fake and their BCR copies). Every part
+        of the network works per sample, so the result equals separate calls."""
+        if isinstance(images, torch.Tensor):
+            return self._logits(self.prepare(images, fit=fit, generator=generator))
+        fits = list(fit) if isinstance(fit, (list, tuple)) else [fit] * len(images)
+        if len(fits) != len(images):
+            raise ValueError(f"{len(images)} batches but {len(fits)} fits: give one fit per batch (or one for all)")
+        prepared = [self.prepare(x, fit=f, generator=generator) for x, f in zip(images, fits)]
+        return list(self._logits(torch.cat(prepared)).split([p.shape[0] for p in prepared]))
+
+    def _logits(self, prepared: torch.Tensor) -> torch.Tensor:
+        tokens = self.block_tokens(prepared)
         return torch.cat([head(block) for head, block in zip(self.heads, tokens)], dim=1)
 
 

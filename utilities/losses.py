@@ -51,15 +51,12 @@ def bcr_loss(logits_real: torch.Tensor, logits_real_aug: torch.Tensor,
     return F.mse_loss(logits_real_aug, logits_real) + F.mse_loss(logits_fake_aug, logits_fake)
 
 
-def adaptive_adversarial_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                                base: float = 0.4, warmup: float = 1.0,
-                                clamp: Tuple[float, float] = (0.015, 1e4)) -> torch.Tensor:
-    """λ_adv = base · warmup · ‖∇_w L_nll‖ / ‖∇_w L_adv‖ at the decoder's last-layer weight w (VQGAN),
-    clamped to ``clamp``; returned detached. The two gradients come from autograd.grad with
-    retain_graph, so the main backward pass is unaffected."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    ratio = nll_grad.float().norm() / (g_grad.float().norm() + 1e-6)
+def adaptive_adversarial_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, base: float = 0.4,
+                                warmup: float = 1.0, clamp: Tuple[float, float] = (0.015, 1e4)) -> torch.Tensor:
+    """λ_adv = base · warmup · ‖∇_w L_nll‖ / ‖∇_w L_adv‖ (VQGAN), from the two gradients at the decoder's
+    last-layer weight w; the ratio is clamped to ``clamp``. Returned detached. (The trainer gets both gradients
+    cheaply from image-space gradients it needs anyway: see ``Trainer._generator_backward``.)"""
+    ratio = nll_grad.detach().float().norm() / (g_grad.detach().float().norm() + 1e-6)
     return (base * warmup * ratio.clamp(*clamp)).detach()
 
 

@@ -155,6 +155,7 @@ class Trainer:
         if args.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             self.ema = AveragedModel(tokenizer, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+        self._speed_up()
         self.ddp_model: nn.Module = self.model
         self.ddp_disc: Optional[nn.Module] = self.disc
 
@@ -163,6 +164,17 @@ class Trainer:
         from meditok.info import forward_flops
         self.train_flops_per_image = 3 * sum(forward_flops(tokenizer, self.img_size).values())
         self.peak_flops = args.peak_tflops * 1e12 or known_peak_flops(device, self.bf16)
+
+    def _speed_up(self) -> None:
+        """--channels_last / --compile (after the EMA copy was made: that one stays a plain module)."""
+        args = self.args
+        self.tokenizer.speed_up(channels_last=args.channels_last, compile=args.compile, backend=args.compile_backend)
+        if args.channels_last and self.lpips is not None:
+            self.lpips.to(memory_format=torch.channels_last)
+        if args.compile:
+            for frozen in (self.lpips, self.disc.dino if self.disc is not None else None, self.teacher):
+                if frozen is not None:
+                    frozen.compile(backend=args.compile_backend)
 
     # --------------------------------------------------------------------------------------------
     def autocast(self):
@@ -212,7 +224,7 @@ class Trainer:
 
         Each batch holds ``image`` [b, 3, H, W] in [-1, 1] and, in stage 2, ``text`` token ids [b, L].
         Returns (logged values as 0-d tensors — no host sync here, gradient norm, learning rate)."""
-        args, device, autocast = self.args, self.device, self.autocast
+        args = self.args
         lr = cosine_lr(step, total_steps, args.lr, args.lr_end, warmup_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -224,75 +236,14 @@ class Trainer:
             for g in self.disc_opt.param_groups:
                 g["lr"] = cosine_lr(max(disc_step, 0), max(total_steps - disc_start, 1), args.disc_lr,
                                     args.disc_lr_end, 0)
-        last_layer = self.tokenizer.decoder.last_layer
-        zero = torch.zeros((), device=device)
         logs: Dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
-            images = batch["image"].to(device, non_blocking=True)
-            last_micro = micro == len(batches) - 1
-            sync = contextlib.nullcontext() if (self.world == 1 or last_micro) else self.ddp_model.no_sync()
-            with sync:
-                teacher_features = None
-                if self.teacher is not None:
-                    with torch.no_grad(), autocast():
-                        inputs = images if args.stage == 1 else batch["text"].to(device, non_blocking=True)
-                        teacher_features = self.teacher(inputs).float()
-                with autocast():
-                    out = self.ddp_model(images, teacher_features)
-                rec = out["reconstruction"].float()
-                l1 = F.l1_loss(rec, images)
-                l2 = F.mse_loss(rec, images)
-                nll = args.l1_weight * l1 + args.l2_weight * l2
-                lp = zero
-                if self.lpips is not None:
-                    with autocast():
-                        lp = self.lpips(rec, images).float().mean()
-                    nll = nll + args.lpips_weight * lp
-                loss = nll + args.vq_weight * out["vq_loss"]
-                contrast = zero
-                if self.teacher is not None:
-                    contrast = clip_contrastive_loss(out["image_features"].float(), out["target_features"].float(),
-                                                     out["logit_scale"])
-                    loss = loss + args.contrast * contrast
-                g_adv = adv_w = zero
-                if disc_active:
-                    # generator side: gradients reach the image, not the heads (released: D in eval mode here)
-                    self.disc.heads.requires_grad_(False)
-                    self.disc.eval()
-                    with autocast():
-                        g_adv = hinge_g_loss(self.disc(diff_augment(rec, cutout=args.diffaug_cutout)).float())
-                    self.disc.train()
-                    adv_w = adaptive_adversarial_weight(nll, g_adv, last_layer, args.adv_weight, disc_warm,
-                                                        tuple(args.adv_clamp))
-                    loss = loss + adv_w * g_adv
-                (loss / len(batches)).backward()
-
-                if disc_active:
-                    self.disc.heads.requires_grad_(True)
-                    fake = rec.detach()
-                    h, w = images.shape[-2:]
-                    # one crop/resize choice per real/fake pair, shared with its BCR copy so that
-                    # D(x) and D(T(x)) are compared token by token
-                    fit_real, fit_fake = self.disc.draw_fit(h, w), self.disc.draw_fit(h, w)
-                    d = self.ddp_disc
-                    with autocast():
-                        real_logits = d(diff_augment(images, cutout=args.diffaug_cutout), fit=fit_real).float()
-                        fake_logits = d(diff_augment(fake, cutout=args.diffaug_cutout), fit=fit_fake).float()
-                        d_loss = hinge_d_loss(real_logits, fake_logits)
-                        bcr = zero
-                        if args.bcr_weight > 0:
-                            real_aug = d(diff_augment(images, cutout=args.bcr_cutout), fit=fit_real).float()
-                            fake_aug = d(diff_augment(fake, cutout=args.bcr_cutout), fit=fit_fake).float()
-                            bcr = bcr_loss(real_logits, real_aug, fake_logits, fake_aug)
-                    # as released: the warm-up scales the generator's adversarial weight; D trains fully
-                    ((d_loss + args.bcr_weight * bcr) / len(batches)).backward()
-                    logs.update({"loss/disc": d_loss.detach(), "loss/bcr": bcr.detach(),
-                                 "disc/acc_real": (real_logits.detach() > 0).float().mean(),
-                                 "disc/acc_fake": (fake_logits.detach() < 0).float().mean()})
-            logs.update({"loss/rec_l1": l1.detach(), "loss/rec_l2": l2.detach(), "loss/lpips": lp.detach(),
-                         "loss/vq": out["vq_loss"].detach(), "loss/contrast": contrast.detach(),
-                         "loss/g_adv": g_adv.detach(), "adv_weight": adv_w.detach(),
-                         "codebook_usage": out["codebook_usage"].detach(), "loss/total": loss.detach()})
+            with contextlib.ExitStack() as no_sync:
+                if self.world > 1 and micro < len(batches) - 1:  # DDP all-reduces on the last micro-batch only
+                    for wrapped in (self.ddp_model, self.ddp_disc):
+                        if isinstance(wrapped, DDP):
+                            no_sync.enter_context(wrapped.no_sync())
+                logs.update(self.backward(batch, 1.0 / len(batches), disc_active, disc_warm))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
         self.opt.step()
@@ -305,3 +256,98 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.tokenizer)
         return logs, grad_norm, lr
+
+    # --------------------------------------------------------------------------------------------
+    def backward(self, batch: Dict[str, Any], scale: float, disc_active: bool, disc_warm: float
+                 ) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch for the tokenizer (+ head) and, when ``disc_active``, the
+        discriminator heads; gradients are accumulated (× ``scale``). Returns the logged values (0-d tensors).
+
+        The image-space losses (L1, L2, LPIPS, adversarial) are evaluated on a detached copy of the
+        reconstruction x̂: their gradient w.r.t. x̂ is taken once per loss network, the adaptive weight is
+        read from those gradients pushed through the decoder's last conv only, and a single backward pass
+        then carries ∂L/∂x̂ = ∂L_nll/∂x̂ + λ_adv·∂L_adv/∂x̂ (and the VQ and contrastive losses) through the
+        tokenizer. This is the gradient of L = L_nll + VQ + w_c·contrast + λ_adv·L_adv exactly (λ_adv is a
+        constant of the step, as in VQGAN), with LPIPS and DINO differentiated once instead of twice.
+        """
+        args, device, autocast = self.args, self.device, self.autocast
+        zero = torch.zeros((), device=device)
+        images = batch["image"].to(device, non_blocking=True)
+        teacher_features = None
+        if self.teacher is not None:
+            with torch.no_grad(), autocast():
+                inputs = images if args.stage == 1 else batch["text"].to(device, non_blocking=True)
+                teacher_features = self.teacher(inputs).float()
+        with autocast():
+            out = self.ddp_model(images, teacher_features)
+        rec = out["reconstruction"].float()
+
+        # image-space losses on a leaf copy of x̂
+        rec_in = rec.detach().requires_grad_(True)
+        l1 = F.l1_loss(rec_in, images)
+        l2 = F.mse_loss(rec_in, images)
+        nll = args.l1_weight * l1 + args.l2_weight * l2
+        lp = zero
+        if self.lpips is not None:
+            with autocast():
+                lp = self.lpips(rec_in, images).float().mean()
+            nll = nll + args.lpips_weight * lp
+        grad_rec = torch.autograd.grad(nll, rec_in)[0]
+        g_adv = adv_w = zero
+        if disc_active:
+            # generator side: gradients reach the image, not the heads (released: D in eval mode here)
+            self.disc.heads.requires_grad_(False)
+            self.disc.eval()
+            with autocast():
+                g_adv = hinge_g_loss(self.disc(diff_augment(rec_in, cutout=args.diffaug_cutout)).float())
+            self.disc.train()
+            self.disc.heads.requires_grad_(True)
+            grad_adv = torch.autograd.grad(g_adv, rec_in)[0]
+            # VQGAN's adaptive weight compares ∇L_nll and ∇L_adv at the last layer's weight: both come from
+            # the image-space gradients through the last conv alone
+            last_layer = self.tokenizer.decoder.last_layer
+            nll_w, adv_w_grad = (torch.autograd.grad(rec, last_layer, grad_outputs=g, retain_graph=True)[0]
+                                 for g in (grad_rec, grad_adv))
+            adv_w = adaptive_adversarial_weight(nll_w, adv_w_grad, args.adv_weight, disc_warm, tuple(args.adv_clamp))
+            grad_rec = grad_rec + adv_w * grad_adv
+
+        other = args.vq_weight * out["vq_loss"]
+        contrast = zero
+        if self.teacher is not None:
+            contrast = clip_contrastive_loss(out["image_features"].float(), out["target_features"].float(),
+                                             out["logit_scale"])
+            other = other + args.contrast * contrast
+        torch.autograd.backward([rec, other * scale], [grad_rec * scale, None])
+        loss = nll.detach() + other.detach() + adv_w * g_adv.detach()
+
+        logs = {"loss/rec_l1": l1.detach(), "loss/rec_l2": l2.detach(), "loss/lpips": lp.detach(),
+                "loss/vq": out["vq_loss"].detach(), "loss/contrast": contrast.detach(),
+                "loss/g_adv": g_adv.detach(), "adv_weight": adv_w.detach(),
+                "codebook_usage": out["codebook_usage"].detach(), "loss/total": loss}
+        if disc_active:
+            logs.update(self._discriminator_backward(images, rec.detach(), scale))
+        return logs
+
+    def _discriminator_backward(self, images: torch.Tensor, fake: torch.Tensor, scale: float
+                                ) -> Dict[str, torch.Tensor]:
+        """Hinge loss + BCR for the heads; real, fake and their strongly augmented copies in one batched pass."""
+        args = self.args
+        h, w = images.shape[-2:]
+        # one crop/resize choice per real/fake pair, shared with its BCR copy so that D(x) and D(T(x)) are
+        # compared token by token
+        fit_real, fit_fake = self.disc.draw_fit(h, w), self.disc.draw_fit(h, w)
+        inputs = [diff_augment(images, cutout=args.diffaug_cutout), diff_augment(fake, cutout=args.diffaug_cutout)]
+        fits = [fit_real, fit_fake]
+        if args.bcr_weight > 0:
+            inputs += [diff_augment(images, cutout=args.bcr_cutout), diff_augment(fake, cutout=args.bcr_cutout)]
+            fits += [fit_real, fit_fake]
+        with self.autocast():
+            logits = [x.float() for x in self.ddp_disc(inputs, fit=fits)]
+        real_logits, fake_logits = logits[:2]
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        bcr = bcr_loss(real_logits, logits[2], fake_logits, logits[3]) if args.bcr_weight > 0 else d_loss.new_zeros(())
+        # as released: the warm-up scales the generator's adversarial weight; D trains fully
+        ((d_loss + args.bcr_weight * bcr) * scale).backward()
+        return {"loss/disc": d_loss.detach(), "loss/bcr": bcr.detach(),
+                "disc/acc_real": (real_logits.detach() > 0).float().mean(),
+                "disc/acc_fake": (fake_logits.detach() < 0).float().mean()}
