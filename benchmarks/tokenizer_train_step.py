@@ -34,8 +34,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of ViT blocks and decoder stages")
-    p.add_argument("--compile", action="store_true", help="torch.compile the tokenizer (compile time excluded)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv parts")
+    p.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (compile time excluded: "
+                   "raise --warmup)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (MedITok.speed_up)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None, help="JSON file to write")
@@ -47,9 +48,8 @@ def main() -> int:
     torch.manual_seed(0)
     model = meditok.build_meditok(args.preset, device=device).train()
     model.set_grad_checkpointing(args.grad_ckpt)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if args.compile else model
+    model.speed_up(channels_last=args.channels_last, compile=args.compile)  # what train.py's flags do
+    step_model = model
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     flops = forward_flops(model, args.img_size)

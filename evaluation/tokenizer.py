@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import meditok
-from meditok.model import MedITok, autocast_off
+from meditok.model import MedITok
+from meditok.quantizer import autocast_off
 
 RANDOM_WEIGHTS_WARNING = (
     "THE TOKENIZER HAS RANDOM WEIGHTS (--random-weights): a smoke test of the pipeline only; "

@@ -19,7 +19,6 @@ released training code: cosine assignment over 4,096 codes is sensitive to bf16 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -29,17 +28,10 @@ import torch.nn.functional as F
 
 from .config import MedITokConfig
 from .projection import AttentionProjection
-from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .quantizer import MultiCodebookQuantizer, QuantizerOutput, autocast_off
 from .vitamin import ViTaminDecoder, ViTaminEncoder
 
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def autocast_off(t: torch.Tensor):
-    """Context that runs its body in full precision even inside an autocast region (no-op on meta)."""
-    if t.device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 class MedITok(nn.Module):

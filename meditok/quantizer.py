@@ -15,6 +15,7 @@ translate between the two layouts, so ``state_dict()`` has the released names an
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
@@ -22,6 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def autocast_off(t: torch.Tensor):
+    """Context that runs its body in full precision even inside an autocast region (no-op on meta)."""
+    if t.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 @dataclass
@@ -80,8 +88,12 @@ class MultiCodebookQuantizer(nn.Module):
         return F.normalize(z, dim=-1)
 
     def _nearest(self, z_chunks: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-        # Cosine similarity of unit vectors: one batched matmul over codebooks, [K, N, V].
-        sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))
+        # Cosine similarity of unit vectors: one batched matmul over codebooks, [K, N, V]. Always float32,
+        # whatever autocast region the caller is in: with 4,096 codewords on the 8-d sphere the best and
+        # second-best similarities are often closer than bf16's resolution (≈ 4e-3), and bf16 scores would
+        # pick a different id for several % of the tokens.
+        with autocast_off(z_chunks):
+            sim = torch.bmm(z_chunks.detach().float(), codebooks.detach().float().transpose(1, 2))
         return sim.argmax(dim=-1)  # [K, N]
 
     def _assign(self, z: torch.Tensor):

@@ -105,3 +105,20 @@ def test_bad_ids_are_rejected(quantizer):
         quantizer.idx_to_f(torch.zeros(1, 7, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="64 channels"):
         quantizer(torch.randn(1, 4, 32))
+
+
+def test_ids_are_float32_decisions_under_bf16_autocast():
+    """4,096 codewords on the 8-d sphere leave near-ties that bf16 scores would break differently: the
+    assignment must ignore an enclosing autocast region (on every path: f_to_idx, quantize, forward)."""
+    torch.manual_seed(0)
+    q = MultiCodebookQuantizer()
+    z = torch.randn(4, 256, 64)
+    ids32 = q.f_to_idx(z)
+    # the hazard is real: scoring the same chunks in bf16 changes some ids
+    chunks = F.normalize(z.reshape(-1, 8, 8).transpose(0, 1), dim=-1)
+    sim16 = torch.bmm(chunks.bfloat16(), q.normalized_codebooks().bfloat16().transpose(1, 2))
+    assert (sim16.argmax(-1).reshape(8, 4, 256).transpose(0, 1) != ids32).any()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(q.f_to_idx(z), ids32)
+        assert torch.equal(q.quantize(z)[0], ids32)
+        assert torch.equal(q(z).ids, ids32)
