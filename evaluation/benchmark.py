@@ -50,6 +50,26 @@ def synthetic_batch(trainer: Trainer, batch_size: int, device: torch.device, see
     return batch
 
 
+def count_host_syncs(trainer: Trainer, next_batches, device: torch.device) -> Optional[int]:
+    """GPU only: synchronising calls made by one more training step, counted by CUDA's sync debug mode (each
+    one stalls the host until the GPU is idle). None on CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    batches = next_batches()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step(batches, step=10_000, total_steps=1_000_000, warmup_steps=0, disc_start=0, disc_warmup=0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncing = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    for w in syncing[:5]:
+        print(f"[sync] {w.filename}:{w.lineno}: {w.message}", flush=True)
+    return len(syncing)
+
+
 def time_steps(trainer: Trainer, next_batches, steps: int, warmup: int, device: torch.device) -> Dict[str, Any]:
     """Run warmup + steps training steps; returns timing of the timed ones and the last losses."""
     if device.type == "cuda":
@@ -67,6 +87,7 @@ def time_steps(trainer: Trainer, next_batches, steps: int, warmup: int, device: 
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             images += sum(b["image"].shape[0] for b in batches)
+    syncs = count_host_syncs(trainer, next_batches, device)
     values = {k: float(v) for k, v in logs.items()}
     ips = images / sum(times)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
@@ -75,6 +96,7 @@ def time_steps(trainer: Trainer, next_batches, steps: int, warmup: int, device: 
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1024 ** 3 if device.type == "cuda" else None,
         "tokenizer_tflops": trainer.train_flops_per_image * ips / 1e12,
         "mfu": trainer.train_flops_per_image * ips / trainer.peak_flops if trainer.peak_flops else None,
+        "host_syncs_per_step": syncs,
         "losses_finite": all(v == v and abs(v) != float("inf") for v in values.values()),
         "last_losses": values,
     }

@@ -154,7 +154,10 @@ class MultiCodebookQuantizer(nn.Module):
     def _track_usage(self, ids: torch.Tensor) -> torch.Tensor:
         K, V = self.num_codebooks, self.codebook_size
         offsets = torch.arange(K, device=ids.device).unsqueeze(1) * V
-        counts = torch.bincount((ids + offsets).flatten(), minlength=K * V).float().view(K, V)
+        flat = (ids + offsets).flatten()
+        # scatter_add, not bincount: CUDA's bincount reads the largest id back to the host (a sync per step)
+        counts = torch.zeros(K * V, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+        counts = counts.view(K, V)
         if self.training and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)  # usage over the global batch
         freq = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)

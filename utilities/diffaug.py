@@ -70,9 +70,11 @@ def sample_diff_augment(batch_size: int, height: int, width: int, policy: str = 
                         cutout: float = CUTOUT_RATIO, translation: float = TRANSLATION_RATIO,
                         generator: Optional[torch.Generator] = None,
                         device: Union[str, torch.device] = "cpu") -> DiffAugmentParams:
-    """Draw the random parameters once (on ``generator``'s device — CPU by default — then moved to ``device``)."""
+    """Draw the random parameters once: on ``generator``'s device when one is given (then moved to ``device``),
+    else with the default generator of ``device`` itself — on a GPU, a draw on the CPU followed by a copy
+    would make the host wait for the GPU (a pageable host→device copy synchronises the stream)."""
     operations = _parse_policy(policy)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    gen_device = generator.device if generator is not None else torch.device(device)
 
     def uniform(*shape):
         return torch.rand(*shape, generator=generator, device=gen_device).to(device)
