@@ -7,7 +7,7 @@
 #   bash benchmarks/issue6_gpu.sh infer     # tokenize / reconstruct grid: eager, channels-last, compiled
 #   bash benchmarks/issue6_gpu.sh profile   # torch.profiler breakdowns (tokenize b64, tokenizer train step b32)
 #
-# On a machine without the extra packages, carry the wheels: `.whl/` (see benchmarks/README or the device notes).
+# On a machine without lpips/open_clip, put their wheels in .whl/ (docs/performance.md, "Measuring on a GPU").
 # The loss networks are BiomedCLIP / DINOv2 / VGG16 architectures with random weights (speed does not depend
 # on the values): the real weights cannot be downloaded on the benchmark machine.
 set -euo pipefail

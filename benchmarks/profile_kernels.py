@@ -39,16 +39,19 @@ def label_parts(model: torch.nn.Module) -> list:
     handles = []
     for path, label in PARTS.items():
         module = model.get_submodule(path)
-        name = f"part: {label}"
+        # the model iterates over its Sequential stacks instead of calling them: open the range at the
+        # first member's call and close it after the last one's
+        first, last = (module[0], module[-1]) if isinstance(module, torch.nn.Sequential) else (module, module)
+        state = {"name": f"part: {label}"}
 
-        def pre(_m, _inp, name=name):
-            _m._prof_ctx = record_function(name)
-            _m._prof_ctx.__enter__()
+        def pre(_m, _inp, state=state):
+            state["ctx"] = record_function(state["name"])
+            state["ctx"].__enter__()
 
-        def post(_m, _inp, _out):
-            _m._prof_ctx.__exit__(None, None, None)
+        def post(_m, _inp, _out, state=state):
+            state.pop("ctx").__exit__(None, None, None)
 
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        handles += [first.register_forward_pre_hook(pre), last.register_forward_hook(post)]
     return handles
 
 

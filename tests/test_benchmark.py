@@ -36,3 +36,40 @@ def test_benchmark_times_the_training_step_and_token_api(stage, tiny_sources, tm
     assert {r["task"] for r in report["inference"]} == {"tokenize", "decode", "reconstruct"}
     assert report["environment"]["tokenizer_gflops_per_image_train"] > 0
     assert "| tokenize | 2 | 32 |" in (tmp_path / "benchmark.md").read_text()
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("workload", ["tokenize", "train"])
+def test_kernel_profile_attributes_time_to_model_parts(workload, tmp_path):
+    profile = _load_script("profile_kernels")
+    out = tmp_path / "prof.json"
+    assert profile.main(["--preset", "tiny", "--img-size", "32", "--batch", "2", "--device", "cpu", "--workload",
+                         workload, "--warmup", "1", "--iters", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    parts = {p["part"]: p["ms_per_iter"] for p in result["parts_forward"]}
+    assert {"encoder conv front", "encoder ViT", "bottleneck (in)"} <= set(parts)
+    if workload == "train":  # the quantizer's forward and the decoder run only in the training pass
+        assert {"quantizer", "decoder ViT", "decoder up_conv2", "decoder up_conv4 (inverse stem)"} <= set(parts)
+    assert all(v >= 0 for v in parts.values()) and result["total_ms_per_iter"] > 0
+    assert result["ops"] and abs(sum(o["share"] for o in result["ops"])) <= 1.0 + 1e-6
+    assert (tmp_path / "prof.md").read_text().startswith(f"## {workload}, tiny")
+
+
+def test_tokenizer_step_benchmark_runs_with_speed_options(tmp_path, monkeypatch):
+    step = _load_script("tokenizer_train_step")
+    out = tmp_path / "step.json"
+    monkeypatch.setattr("sys.argv", ["tokenizer_train_step.py", "--preset", "tiny", "--img-size", "32", "--batch", "2",
+                                     "--device", "cpu", "--dtype", "fp32", "--warmup", "1", "--iters", "1",
+                                     "--channels-last", "--out", str(out)])
+    assert step.main() == 0
+    (record,) = json.loads(out.read_text())["results"]
+    assert record["channels_last"] and record["images_per_s"] > 0 and record["loss"] == record["loss"]
