@@ -25,11 +25,16 @@ nets=/tmp/fullnets
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$work/gpu.csv" 2>&1 || true
 step="python3 -m evaluation.benchmark --preset large --biomedclip $nets/biomedclip --dino $nets/dinov2 --lpips-vgg random --no-inference --steps 15"
 eff="python3 -m evaluation.efficiency --preset large --device cuda --dtypes bf16 --tasks tokenize reconstruct --settings 16x256 64x256 128x256 8x512"
-run() { local name=$1; shift; echo "== $name: $*"; "$@" > "$work/$name.log" 2>&1 || echo "   (exit $?: see $name.log)"; tail -n 12 "$work/$name.log"; }
+pack() { tar -czf "$out_dir/issue6_$part.tar.gz" -C /tmp "issue6_$part"; }
+# each measurement is packed as soon as it ends: a call cut off by the time limit still returns the finished ones
+run() { local name=$1; shift; echo "== $name: $*"; "$@" > "$work/$name.log" 2>&1 || echo "   (exit $?: see $name.log)"
+        tail -n 12 "$work/$name.log"; pack; }
 case $part in
   train)
     run step_s1_eager $step --stage 1 --batch-sizes 16 32 48 --warmup 5 --out "$work/step_s1_eager"
     run step_s1_cl $step --stage 1 --batch-sizes 32 --channels-last --warmup 5 --out "$work/step_s1_cl"
+    run step_s1_ckpt_vit $step --stage 1 --batch-sizes 64 --grad-ckpt --grad-ckpt-parts vit --warmup 5 --out "$work/step_s1_ckpt_vit"
+    run step_s1_ckpt_conv $step --stage 1 --batch-sizes 64 --grad-ckpt --grad-ckpt-parts decoder_conv --warmup 5 --out "$work/step_s1_ckpt_conv"
     run step_s2_eager $step --stage 2 --batch-sizes 32 --warmup 5 --out "$work/step_s2_eager" ;;
   compile)
     run step_s1_compile $step --stage 1 --batch-sizes 32 --compile --warmup 10 --out "$work/step_s1_compile"
@@ -44,5 +49,5 @@ case $part in
     run prof_train python3 benchmarks/profile_kernels.py --workload train --batch 32 --out "$work/prof_train.json" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
-tar -czf "$out_dir/issue6_$part.tar.gz" -C /tmp "issue6_$part"
+pack
 echo "wrote $out_dir/issue6_$part.tar.gz"

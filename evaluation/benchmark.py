@@ -111,6 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--img-size", type=int, default=256)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="per-GPU batches to time")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the tokenizer")
+    p.add_argument("--grad-ckpt-parts", default="all", choices=("all", "vit", "decoder_conv"),
+                   help="what --grad-ckpt recomputes (train.py --grad_ckpt_parts)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (train.py --channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile tokenizer and loss networks (train.py --compile)")
@@ -137,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     args = Args(stage=a.stage, preset=a.preset, img_size=a.img_size, device=a.device, precision=a.precision,
-                grad_ckpt=a.grad_ckpt, channels_last=a.channels_last, compile=a.compile,
+                grad_ckpt=a.grad_ckpt, grad_ckpt_parts=a.grad_ckpt_parts, channels_last=a.channels_last, compile=a.compile,
                 compile_backend=a.compile_backend, biomedclip=a.biomedclip, dino=a.dino, lpips_vgg=a.lpips_vgg,
                 train_csv=a.train_csv, train_root=a.train_root, num_workers=a.num_workers, batch_size=a.batch_sizes[0])
     torch.manual_seed(0)
@@ -150,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}
 
     for bs in a.batch_sizes:
-        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": a.grad_ckpt, "data": "synthetic"}
+        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": a.grad_ckpt and a.grad_ckpt_parts,
+                "data": "synthetic"}
         try:
             batch = synthetic_batch(trainer, bs, device)
             cell.update(time_steps(trainer, lambda: [batch], a.steps, a.warmup, device))
@@ -175,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             except StopIteration:
                 state["it"] = iter(loader)
                 return [next(state["it"])]
-        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": a.grad_ckpt,
+        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": a.grad_ckpt and a.grad_ckpt_parts,
                 "data": f"loader({a.train_csv}, {a.num_workers} workers)"}
         cell.update(time_steps(trainer, next_real, a.steps, a.warmup, device))
         results["train_step"].append(cell)

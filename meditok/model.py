@@ -88,10 +88,21 @@ class MedITok(nn.Module):
         self.logit_scale.fill_(math.log(1 / 0.07))
         return self
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute ViT blocks (and decoder conv stages) in the backward pass to save memory."""
-        self.encoder.grad_checkpointing = enable
-        self.decoder.grad_checkpointing = enable
+    #: what ``set_grad_checkpointing(parts=...)`` can recompute in the backward pass
+    CHECKPOINT_PARTS = ("all", "vit", "decoder_conv")
+
+    def set_grad_checkpointing(self, enable: bool = True, parts: str = "all") -> None:
+        """Recompute activations in the backward pass to save memory: ``parts="vit"`` the ViT blocks of encoder
+        and decoder, ``"decoder_conv"`` the decoder's upsampling stages, ``"all"`` both. Gradients are unchanged.
+        For ``large`` at 256 px they free 48 % / 33 % / 81 % of the activations kept per image
+        (``python -m meditok.info large --activations``); recomputing the ViTs costs more FLOPs, the decoder's
+        conv stages fewer."""
+        if parts not in self.CHECKPOINT_PARTS:
+            raise ValueError(f"grad-checkpointing parts {parts!r}: use one of {self.CHECKPOINT_PARTS}")
+        vit = enable and parts in ("all", "vit")
+        self.encoder.grad_checkpointing = vit
+        self.decoder.grad_checkpointing = vit
+        self.decoder.grad_checkpointing_convs = enable and parts in ("all", "decoder_conv")
 
     def speed_up(self, channels_last: bool = False, compile: bool = False, backend: str = "inductor",
                  mode: Optional[str] = None) -> "MedITok":

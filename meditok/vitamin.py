@@ -191,7 +191,8 @@ class ViTaminDecoder(nn.Module):
         self.up_conv2 = nn.Sequential(*[InvMbConvBlock(w1, w1, upsample=(d == 0)) for d in range(d_coarse)])
         self.up_conv3 = nn.Sequential(*[InvMbConvBlock(w1 if d == 0 else w0, w0, upsample=(d == 0)) for d in range(d_fine)])
         self.up_conv4 = InvStem(w0, 3)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # ViT blocks
+        self.grad_checkpointing_convs = False  # upsampling stages
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -208,7 +209,7 @@ class ViTaminDecoder(nn.Module):
         x = _run_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.norm(x)
         x = x.transpose(1, 2).reshape(B, C, grid[0], grid[1])
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad
+        ckpt = self.grad_checkpointing_convs and torch.is_grad_enabled() and x.requires_grad
         for stage in (self.up_conv1, *self.up_conv2, *self.up_conv3, self.up_conv4):
             x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
         return x

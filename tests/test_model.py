@@ -132,18 +132,48 @@ def test_gradients_reach_the_encoder_through_the_straight_through_estimator(tiny
     assert m.quantizer.weight.grad is None or float(m.quantizer.weight.grad.abs().sum()) == 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(images):
-    def grads(ckpt):
+@pytest.mark.parametrize("parts", ["all", "vit", "decoder_conv"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(images, parts):
+    from meditok.info import saved_activation_bytes
+
+    def run(ckpt):
         torch.manual_seed(0)
         m = meditok.build_meditok("tiny").train()
-        m.set_grad_checkpointing(ckpt)
+        m.set_grad_checkpointing(ckpt, parts)
+        kept = saved_activation_bytes(m, images)
         out = m(images)
         (out["reconstruction"].abs().mean() + out["vq_loss"]).backward()
-        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    a, b = grads(False), grads(True)
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, kept
+    (a, kept_plain), (b, kept_ckpt) = run(False), run(True)
     assert a.keys() == b.keys()
     for n in a:
         torch.testing.assert_close(a[n], b[n], msg=n)
+    assert kept_ckpt < kept_plain  # it really recomputes instead of keeping
+    with pytest.raises(ValueError, match="decoder_conv"):
+        meditok.build_meditok("tiny").set_grad_checkpointing(True, "encoder")
+
+
+def test_each_checkpointing_setting_saves_its_share_for_large():
+    """On the released architecture (meta device, no compute): each setting keeps clearly less than none, and
+    'all' less than either part alone."""
+    from meditok.info import activations_per_checkpointing
+    a = activations_per_checkpointing("large", 256)
+    assert a["all"] < min(a["vit"], a["decoder_conv"]) and max(a["vit"], a["decoder_conv"]) < 0.75 * a["none"]
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    """Against a hand count: y = relu(x @ w) keeps x (for w's gradient) and relu's output — not w itself."""
+    from meditok.info import saved_activation_bytes
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 5))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w)
+    x = torch.randn(4, 8, requires_grad=True)
+    assert saved_activation_bytes(Tiny(), x) == 4 * 8 * 4 + 4 * 5 * 4
 
 
 def test_bottleneck_stays_float32_under_bf16_autocast(tiny_model, images):

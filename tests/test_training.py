@@ -224,5 +224,7 @@ def test_args_precedence_and_errors(tmp_path):
         parse_args(["--config", "no_such_config"])
     with pytest.raises(ValueError, match="--stage must be 1 or 2"):
         Args(stage=3)
+    with pytest.raises(ValueError, match="--grad_ckpt_parts must be all, vit or decoder_conv"):
+        parse_args(["--grad_ckpt", "true", "--grad_ckpt_parts", "encoder"])
     with pytest.raises(SystemExit):
         parse_args(["--use_disc", "maybe"])

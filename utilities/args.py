@@ -76,6 +76,7 @@ class Args:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16
     grad_ckpt: bool = False
+    grad_ckpt_parts: str = "all"  # what --grad_ckpt recomputes: all | vit (ViT blocks) | decoder_conv (upsampling stages)
     channels_last: bool = False  # NHWC convolutions in the tokenizer and LPIPS (speed only; see docs/performance.md)
     compile: bool = False  # torch.compile the tokenizer's encoder/decoder and the loss networks (eager fallback)
     compile_backend: str = "inductor"  # torch.compile backend ('aot_eager' traces without generating kernels)
@@ -103,6 +104,8 @@ class Args:
             problems.append(f"--on_bad_sample must be 'raise' or 'skip', got {self.on_bad_sample!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.grad_ckpt_parts not in ("all", "vit", "decoder_conv"):
+            problems.append(f"--grad_ckpt_parts must be all, vit or decoder_conv, got {self.grad_ckpt_parts!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("--batch_size and --grad_accum must be ≥ 1")
         if problems:

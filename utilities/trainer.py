@@ -113,7 +113,7 @@ class Trainer:
         self.world = dist.world_size()
         self.bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         tokenizer, disc_state = build_tokenizer(args, device)
-        tokenizer.set_grad_checkpointing(args.grad_ckpt)
+        tokenizer.set_grad_checkpointing(args.grad_ckpt, args.grad_ckpt_parts)
         self.tokenizer = tokenizer
         self.img_size = args.img_size or tokenizer.config.img_size
 
