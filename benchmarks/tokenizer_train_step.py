@@ -49,7 +49,6 @@ def main() -> int:
     model = meditok.build_meditok(args.preset, device=device).train()
     model.set_grad_checkpointing(args.grad_ckpt)
     model.speed_up(channels_last=args.channels_last, compile=args.compile)  # what train.py's flags do
-    step_model = model
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     flops = forward_flops(model, args.img_size)
@@ -68,7 +67,7 @@ def main() -> int:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with cast:
-                    out = step_model(x)
+                    out = model(x)
                     loss = (0.2 * F.l1_loss(out["reconstruction"], x) + F.mse_loss(out["reconstruction"], x)
                             + out["vq_loss"])
                 loss.backward()

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from evaluation import report
+from meditok.model import MedITok
 from utilities.args import Args
 from utilities.trainer import Trainer
 
@@ -111,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--img-size", type=int, default=256)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="per-GPU batches to time")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the tokenizer")
-    p.add_argument("--grad-ckpt-parts", default="all", choices=("all", "vit", "decoder_conv"),
+    p.add_argument("--grad-ckpt-parts", default="all", choices=MedITok.CHECKPOINT_PARTS,
                    help="what --grad-ckpt recomputes (train.py --grad_ckpt_parts)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (train.py --channels_last)")
@@ -150,10 +151,10 @@ def main(argv: Optional[List[str]] = None) -> int:
            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
     results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}
+    ckpt = a.grad_ckpt and a.grad_ckpt_parts  # False, or what is recomputed
 
     for bs in a.batch_sizes:
-        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": a.grad_ckpt and a.grad_ckpt_parts,
-                "data": "synthetic"}
+        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt, "data": "synthetic"}
         try:
             batch = synthetic_batch(trainer, bs, device)
             cell.update(time_steps(trainer, lambda: [batch], a.steps, a.warmup, device))
@@ -178,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             except StopIteration:
                 state["it"] = iter(loader)
                 return [next(state["it"])]
-        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": a.grad_ckpt and a.grad_ckpt_parts,
+        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt,
                 "data": f"loader({a.train_csv}, {a.num_workers} workers)"}
         cell.update(time_steps(trainer, next_real, a.steps, a.warmup, device))
         results["train_step"].append(cell)

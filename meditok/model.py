@@ -113,8 +113,9 @@ class MedITok(nn.Module):
         layout (cuDNN's fast path for bf16 convolutions, and LayerNorm2d's permutes become free); the decoder
         already receives NHWC-strided maps from its token reshape. ``compile``: ``torch.compile`` of the
         encoder and the decoder (each module compiled in place with ``backend``/``mode``; the quantizer and
-        projections stay eager, fp32; each new input shape compiles once). A part that fails to compile runs eagerly, with dynamo's warning,
-        instead of stopping the run.
+        projections stay eager, fp32; each new input shape compiles once). A part that fails to compile runs
+        eagerly, with dynamo's warning, instead of stopping the run (this sets dynamo's global
+        ``suppress_errors``).
         """
         if channels_last:
             for part in (self.encoder, self.decoder):

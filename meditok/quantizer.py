@@ -93,7 +93,7 @@ class MultiCodebookQuantizer(nn.Module):
         # second-best similarities are often closer than bf16's resolution (≈ 4e-3), and bf16 scores would
         # pick a different id for several % of the tokens.
         with autocast_off(z_chunks):
-            sim = torch.bmm(z_chunks.detach().float(), codebooks.detach().float().transpose(1, 2))
+            sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))  # both float32 already
         return sim.argmax(dim=-1)  # [K, N]
 
     def _assign(self, z: torch.Tensor):

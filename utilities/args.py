@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
+from meditok.model import MedITok
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,8 +106,9 @@ class Args:
             problems.append(f"--on_bad_sample must be 'raise' or 'skip', got {self.on_bad_sample!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.grad_ckpt_parts not in ("all", "vit", "decoder_conv"):
-            problems.append(f"--grad_ckpt_parts must be all, vit or decoder_conv, got {self.grad_ckpt_parts!r}")
+        if self.grad_ckpt_parts not in MedITok.CHECKPOINT_PARTS:
+            problems.append(f"--grad_ckpt_parts must be {', '.join(MedITok.CHECKPOINT_PARTS[:-1])} or "
+                            f"{MedITok.CHECKPOINT_PARTS[-1]}, got {self.grad_ckpt_parts!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("--batch_size and --grad_accum must be ≥ 1")
         if problems:

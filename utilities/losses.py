@@ -55,7 +55,7 @@ def adaptive_adversarial_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, ba
                                 warmup: float = 1.0, clamp: Tuple[float, float] = (0.015, 1e4)) -> torch.Tensor:
     """λ_adv = base · warmup · ‖∇_w L_nll‖ / ‖∇_w L_adv‖ (VQGAN), from the two gradients at the decoder's
     last-layer weight w; the ratio is clamped to ``clamp``. Returned detached. (The trainer gets both gradients
-    cheaply from image-space gradients it needs anyway: see ``Trainer._generator_backward``.)"""
+    cheaply from image-space gradients it needs anyway: see ``Trainer.backward``.)"""
     ratio = nll_grad.detach().float().norm() / (g_grad.detach().float().norm() + 1e-6)
     return (base * warmup * ratio.clamp(*clamp)).detach()
 
