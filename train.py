@@ -233,7 +233,7 @@ def main(argv=None) -> int:
                     recon = tokenizer.img_to_reconstructed_img(vis_images)
                 tokenizer.train()
                 save_reconstruction_grid(vis_images, recon, run_dir / "vis" / f"step{step:08d}.png", f"step {step}")
-            if step % args.save_every == 0 and step < total_steps:
+            if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(step)
             if stop["requested"]:
                 raise Stop("SIGTERM")

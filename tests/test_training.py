@@ -69,6 +69,55 @@ def test_resume_is_exact(tiny_networks, tmp_path, deterministic):
     assert (straight / "tokenizer" / "model.safetensors").exists() and (straight / "loss_curves.png").exists()
 
 
+def test_data_workers_do_not_change_the_run(tiny_networks, tmp_path, deterministic):
+    """Loading in the main process (num_workers=0) or in a persistent worker gives the same run, across an
+    epoch boundary (5 steps/epoch): samples are seeded by (epoch, index) and loading leaves the training
+    process's RNG alone. --save_every 0 saves only at the end."""
+    runs = {}
+    for workers in (0, 1):
+        run = tmp_path / f"w{workers}"
+        assert train.main(base_flags(tiny_networks, run, max_steps=6, num_workers=workers, save_every=0,
+                                     deterministic="true")) == 0
+        assert [p.name for p in checkpointing.list_checkpoints(run)] == ["ckpt-00000006.pth"]
+        runs[workers] = checkpointing.load_checkpoint(checkpointing.list_checkpoints(run)[0])
+    for part in ("model", "heads", "disc"):
+        for k in runs[0][part]:
+            torch.testing.assert_close(runs[0][part][k], runs[1][part][k], rtol=0, atol=0, msg=f"{part}.{k}")
+
+
+def test_per_sample_seeding_leaves_the_global_rng_alone():
+    from torch.utils.data import DataLoader
+
+    from utilities.training_data import PerSampleSeeded, build_loader, set_loader_position
+
+    class Noise(torch.utils.data.Dataset):  # an "augmentation" that draws from the global RNGs
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            import random
+            return {"x": torch.rand(2), "r": random.random()}
+
+    ds = PerSampleSeeded(Noise(), seed=1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    a, b = ds[(2, 4)], ds[(2, 4)]
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream is where it was
+    torch.testing.assert_close(a["x"], b["x"], rtol=0, atol=0)
+    assert a["r"] == b["r"] and not torch.equal(ds[(3, 4)]["x"], a["x"])  # (epoch, index) decides the draw
+    ds.set_epoch(2)
+    assert torch.equal(ds[4]["x"], a["x"])  # a bare index uses set_epoch's epoch
+
+    loader = build_loader(ds, batch_size=2, num_workers=1, seed=5, rank=0, world_size=1, device_type="cpu")
+    assert isinstance(loader, DataLoader) and loader.persistent_workers
+    epochs = []
+    for epoch in (0, 1, 0):
+        set_loader_position(loader, epoch, 0)
+        epochs.append(torch.cat([batch["x"] for batch in loader]))
+    assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_networks, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert train.main(base_flags(tiny_networks, run, max_steps=1, use_disc="false", use_lpips="false")) == 0
@@ -224,6 +273,10 @@ def test_args_precedence_and_errors(tmp_path):
         parse_args(["--config", "no_such_config"])
     with pytest.raises(ValueError, match="--stage must be 1 or 2"):
         Args(stage=3)
+    with pytest.raises(ValueError, match="--log_every must be ≥ 1"):
+        Args(log_every=0)
+    with pytest.raises(ValueError, match="--vis_every and --save_every must be ≥ 0"):
+        Args(save_every=-1)
     with pytest.raises(ValueError, match="--grad_ckpt_parts must be all, vit or decoder_conv"):
         parse_args(["--grad_ckpt", "true", "--grad_ckpt_parts", "encoder"])
     with pytest.raises(SystemExit):

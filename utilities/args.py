@@ -91,8 +91,8 @@ class Args:
     resume: str = ""  # '' = fresh run; 'auto' = newest valid checkpoint in output_dir; or a path
     stop_at_step: int = 0  # save and exit after this step (end of a job allocation); continue with --resume auto
     log_every: int = 10
-    vis_every: int = 100
-    save_every: int = 200
+    vis_every: int = 100  # reconstruction grid every N steps and at the end; 0 = none
+    save_every: int = 200  # checkpoint every N steps; 0 = only at the end (and on a stop)
     keep_checkpoints: int = 2
     report_wandb: bool = False
     wandb_project: str = "meditok"
@@ -111,6 +111,11 @@ class Args:
                             f"{MedITok.CHECKPOINT_PARTS[-1]}, got {self.grad_ckpt_parts!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("--batch_size and --grad_accum must be ≥ 1")
+        if self.log_every < 1:
+            problems.append(f"--log_every must be ≥ 1, got {self.log_every}")
+        if self.vis_every < 0 or self.save_every < 0:
+            problems.append(f"--vis_every and --save_every must be ≥ 0 (0 = off / only at the end), got "
+                            f"{self.vis_every} and {self.save_every}")
         if problems:
             raise ValueError("; ".join(problems))
 
