@@ -129,6 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (MedITok.speed_up)")
     parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (MedITok.speed_up); "
                         "raise --warmup: each new shape compiles first")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default inductor; aot_eager traces without generating kernels)")
     parser.add_argument("--out", default="outputs/efficiency", help="output folder (default outputs/efficiency)")
     args = parser.parse_args(argv)
 
@@ -140,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         torch.manual_seed(0)
         model = meditok.build_meditok(args.preset, device=device)
-    model.eval().speed_up(channels_last=args.channels_last, compile=args.compile)
+    model.eval().speed_up(channels_last=args.channels_last, compile=args.compile, backend=args.compile_backend)
 
     cells = [(t, d, b, s) for (b, s) in args.settings for d in args.dtypes for t in args.tasks]
     try:
@@ -156,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             records.append({"task": task, "dtype": dtype, "batch": batch, "img_size": size, "error": "out of memory"})
             torch.cuda.empty_cache()
     ok = [r for r in records if "error" not in r]
-    env = {**environment(device), "channels_last": args.channels_last, "compile": args.compile}
+    env = {**environment(device), "channels_last": args.channels_last, "compile": args.compile,
+           "compile_backend": args.compile_backend if args.compile else None}
     out = Path(args.out)
     markdown = to_markdown(ok, env, model.config.preset)
     report.write_outputs(out, "efficiency", {"preset": model.config.preset, "environment": env,

@@ -73,3 +73,27 @@ def test_tokenizer_step_benchmark_runs_with_speed_options(tmp_path, monkeypatch)
     assert step.main() == 0
     (record,) = json.loads(out.read_text())["results"]
     assert record["channels_last"] and record["images_per_s"] > 0 and record["loss"] == record["loss"]
+
+
+def test_gpu_measurement_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    """benchmarks/issue6_gpu.sh (what a GPU session runs, one device call per part) with ISSUE6_SMOKE=1: the
+    same commands on CPU with the tiny preset. Its `infer` part must finish, exit 0 and pack every result."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ISSUE6_SMOKE": "1", "ISSUE6_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "benchmarks/issue6_gpu.sh", "infer"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with tarfile.open(tmp_path / "out" / "issue6_infer.tar.gz") as tar:
+        names = set(tar.getnames())
+    for run in ("eff_eager", "eff_cl", "eff_compile"):
+        assert f"issue6_infer/{run}/efficiency.json" in names, sorted(names)
+    compiled = json.loads((tmp_path / "work" / "issue6_infer" / "eff_compile" / "efficiency.json").read_text())
+    assert compiled["environment"]["compile_backend"] == "aot_eager"
+    assert {r["task"] for r in compiled["records"]} == {"tokenize", "reconstruct"}
