@@ -12,7 +12,7 @@
 # on the values): the real weights cannot be downloaded on the benchmark machine.
 #
 # ISSUE6_SMOKE=1 runs every command of a part on the CPU with the tiny preset, tiny networks, batch 2 at 32 px
-# and one timed step: it checks the plumbing (tests/test_benchmarks.py), not the speed.
+# and one timed step: it checks the plumbing (tests/test_benchmark.py), not the speed.
 set -euo pipefail
 part=${1:?usage: bash benchmarks/issue6_gpu.sh train|compile|infer|profile}
 out_dir=${OUT:-outputs}

@@ -147,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     trainer = Trainer(args, device)
     env = {**report.environment(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
-           "channels_last": a.channels_last, "compile": a.compile and a.compile_backend,
+           "channels_last": a.channels_last, "compile": a.compile,
+           "compile_backend": a.compile_backend if a.compile else None,
            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
     results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}

@@ -1,5 +1,10 @@
 """The training-step benchmark runs on CPU (tiny networks) for both stages and reports what it promises."""
 import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -78,12 +83,6 @@ def test_tokenizer_step_benchmark_runs_with_speed_options(tmp_path, monkeypatch)
 def test_gpu_measurement_script_runs_end_to_end_in_smoke_mode(tmp_path):
     """benchmarks/issue6_gpu.sh (what a GPU session runs, one device call per part) with ISSUE6_SMOKE=1: the
     same commands on CPU with the tiny preset. Its `infer` part must finish, exit 0 and pack every result."""
-    import os
-    import subprocess
-    import sys
-    import tarfile
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ISSUE6_SMOKE": "1", "ISSUE6_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -100,7 +100,5 @@ def steps_per_epoch(loader: DataLoader, grad_accum: int) -> int:
 
 def set_loader_position(loader: DataLoader, epoch: int, batches_done: int) -> None:
     """Position ``loader`` at (epoch, batch) for the next iteration."""
-    loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)  # the sampler hands the epoch to PerSampleSeeded with each index
     loader.sampler.set_start(batches_done * loader.batch_size)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
