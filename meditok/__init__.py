@@ -12,6 +12,7 @@ from .checkpoint import (
     RELEASED_FILES,
     RELEASED_HUB_REPO,
     CheckpointError,
+    atomic_write,
     build_meditok,
     diff_state_dict,
     extract_tokenizer_state_dict,
@@ -25,7 +26,7 @@ from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 
 __all__ = [
     "MedITok", "MedITokConfig", "PRESETS", "get_config", "build_meditok", "load_meditok", "save_meditok",
-    "CheckpointError", "diff_state_dict", "matching_presets", "extract_tokenizer_state_dict",
+    "atomic_write", "CheckpointError", "diff_state_dict", "matching_presets", "extract_tokenizer_state_dict",
     "MultiCodebookQuantizer", "QuantizerOutput", "RELEASED_FILES", "RELEASED_HUB_REPO",
 ]
 __version__ = "0.1.0"

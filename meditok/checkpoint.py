@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -231,21 +231,36 @@ def _resolve_hub(repo_id: str, filename: Optional[str], cache_dir: Optional[str]
         + "\n  ".join(errors) + "\n" + HOW_TO_GET.format(repo=repo_id) + " Then pass the local path.")
 
 
+# First path components that are this project's own folders, never Hub organisations.
+_LOCAL_FOLDERS = {"runs", "outputs", "weights", "external", "datasets", "checkpoints", "configs"}
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """The rule for a source without a prefix: ``org/name`` is a Hub repo id only when no such local path
+    exists, it is not written like a path (``./x``, ``~/x``, ``/x``, ``x/y/z``, a file extension), its
+    first component is not a local folder, and not one of this project's folders (``runs/``, ``weights/``,
+    ``outputs/`` ...). ``hf-hub:org/name`` is always a Hub id; ``local-dir:path`` never is."""
+    if not _HUB_ID.match(text) or text.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        return False
+    first = text.split("/", 1)[0]
+    return not Path(text).exists() and not Path(first).exists() and first not in _LOCAL_FOLDERS
+
+
 def _locate(source: Union[str, os.PathLike], hub_filename: Optional[str], cache_dir: Optional[str]) -> Path:
     text = str(source)
     if text.startswith("hf-hub:"):
         return _resolve_hub(text[len("hf-hub:"):], hub_filename, cache_dir)
     if text.startswith("local-dir:"):
         text = text[len("local-dir:"):]
+    elif looks_like_hub_id(text):
+        return _resolve_hub(text, hub_filename, cache_dir)
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(text) and not text.endswith((".pth", ".pt", ".bin", ".safetensors")):
-        return _resolve_hub(text, hub_filename, cache_dir)
-    hint = ""
+    hint = " Check the path (a Hub repo id is written hf-hub:org/name)."
     if path.name in RELEASED_FILES:
         hint = f" It is the released {RELEASED_FILES[path.name]}. " + HOW_TO_GET.format(repo=RELEASED_HUB_REPO)
-    raise CheckpointError(f"Checkpoint not found: {path.resolve()}.{hint or ' Check the path.'}")
+    raise CheckpointError(f"Checkpoint not found: no file or folder at {path.resolve()}.{hint}")
 
 
 def _read(path: Path, key: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
@@ -328,18 +343,40 @@ def load_meditok(source: Union[str, os.PathLike], preset: Optional[str] = None, 
 # --------------------------------------------------------------------------------------------------
 # Saving
 
-def _atomic_write(path: Path, write) -> None:
+TEMP_SUFFIX = ".tmp"  # atomic_write's temp files are named ".<final name>.<random>.tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file so that ``path`` only ever holds a complete version: ``write(f)`` fills a temp file in
+    the same folder, which is fsynced and renamed over ``path`` (the folder is fsynced too, so the rename
+    survives a power cut). A crash or kill mid-write leaves the previous file untouched and at most a
+    ``.<name>.*.tmp`` file, which nothing reads. The file gets the permissions of a plain ``open`` (the
+    umask decides), not the owner-only ones of the temp file, so collaborators can read checkpoints."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
 
 
 def save_meditok(model: MedITok, path: Union[str, os.PathLike]) -> Path:
@@ -353,12 +390,12 @@ def save_meditok(model: MedITok, path: Union[str, os.PathLike]) -> Path:
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config_json = model.config.to_json()
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        _atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata={"format": FORMAT_TAG, "config": config_json}))
+        from safetensors.torch import save
+        atomic_write(path, lambda f: f.write(save(state_dict, metadata={"format": FORMAT_TAG, "config": config_json})))
     elif path.suffix in (".pth", ".pt"):
         payload = {"format": FORMAT_TAG, "config": model.config.to_dict(), "model": state_dict}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda f: torch.save(payload, f))
     else:
         save_meditok(model, path / MODEL_FILENAME)
-        _atomic_write(path / CONFIG_FILENAME, lambda tmp: Path(tmp).write_text(config_json + "\n"))
+        atomic_write(path / CONFIG_FILENAME, lambda f: f.write((config_json + "\n").encode()))
     return path

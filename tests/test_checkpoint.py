@@ -179,3 +179,50 @@ def test_large_preset_matches_the_released_keys_one_by_one():
     assert not meditok.diff_state_dict(model, released)
     model.load_state_dict(released, strict=True, assign=True)
     assert model.quantizer.weight.shape == (8, 4096, 8)
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(monkeypatch, tmp_path):
+    """`runs/stage1_tiny` (no such run yet) must say "not found" without asking the Hub; `org/name` with no
+    local folder of that name still goes to the Hub, and `hf-hub:` always does."""
+    import huggingface_hub
+
+    import meditok
+    from meditok.checkpoint import looks_like_hub_id
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def no_network(repo_id, filename, **kwargs):
+        asked.append(repo_id)
+        raise OSError("network disabled in this test")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    for missing in ("runs/stage1_tiny", "weights/mine", "./org/name", "a/b/c"):
+        with pytest.raises(meditok.CheckpointError, match="Checkpoint not found: no file or folder at"):
+            meditok.load_meditok(missing)
+    assert asked == []
+    (tmp_path / "myorg").mkdir()  # a local folder named like the organisation: a path, not a Hub id
+    assert not looks_like_hub_id("myorg/model") and looks_like_hub_id("massaki75/meditok")
+    with pytest.raises(meditok.CheckpointError, match="Hub repo 'massaki75/meditok'"):
+        meditok.load_meditok("massaki75/meditok")
+    assert asked and set(asked) == {"massaki75/meditok"}
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    """Checkpoints and tokenizers are readable by collaborators when the umask says so (the atomic writer's
+    temp file is created owner-only; the final file gets a plain open's permissions)."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        save_meditok(meditok.build_meditok("tiny"), tmp_path / "tok")
+        meditok.atomic_write(tmp_path / "x.bin", lambda f: f.write(b"1"))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "tok" / "model.safetensors", tmp_path / "tok" / "config.json", tmp_path / "x.bin"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    os.umask(0o077)
+    try:
+        meditok.atomic_write(tmp_path / "private.bin", lambda f: f.write(b"1"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == 0o600

@@ -1,7 +1,7 @@
 """MedITok's medical image data pipeline.
 
 Reading (every format to a [3, H, W] tensor in [-1, 1]), datasets (CSV and webdataset shards),
-transforms (SPEC §3 augmentations), seeding, and the quality rules the data tools apply.
+transforms (SPEC §3 augmentations), seeding (meditok.seeding), and the quality rules the data tools apply.
 Quick use::
 
     from meditok.data import read_image
@@ -28,8 +28,8 @@ from .reading import (
     read_volume,
     volume_slice,
 )
-from .seeding import make_worker_init_fn, seed_worker, worker_seed
-from .shards import ShardedImageDataset, write_shards
+from ..seeding import make_worker_init_fn, seed_worker, worker_seed
+from .shards import ShardedImageDataset, StreamPosition, write_shards
 from .slicing import iter_volume_slices, normalise_mri_volume, slice_positions
 from .transforms import RandomCTWindow, RandomQuarterTurn, eval_transform, stage1_augmentation
 from .windows import (
@@ -55,6 +55,7 @@ __all__ = [
     "RandomQuarterTurn",
     "SUPPORTED_FORMATS",
     "ShardedImageDataset",
+    "StreamPosition",
     "ct_slice_rejection_reasons",
     "ct_window",
     "eval_transform",

@@ -33,7 +33,7 @@ from .samples import (
     read_metadata_csv,
     resolve_identifier,
 )
-from .seeding import distributed_rank_and_world_size, worker_seed
+from ..seeding import distributed_rank_and_world_size, sample_seed, seeded_rngs, worker_seed
 from .windows import DEFAULT_CT_WINDOW
 
 INDEX_FILE = "index.json"
@@ -204,7 +204,15 @@ class ShardedImageDataset(IterableDataset):
         rank, world_size: this process's place; None reads torch.distributed (0 and 1 if unused).
         repeat: loop over the shards forever, advancing the epoch at each pass.
 
-    Yields dicts like :class:`CSVImageDataset` (``index`` is the CSV row the converter read).
+    Yields dicts like :class:`CSVImageDataset` (``index`` is the CSV row the converter read) plus
+    ``stream_position``: LongTensor [3] = (worker, epoch, samples of that epoch this worker has read,
+    this one included).
+
+    Exact resume: each sample is augmented under a seed of (seed, rank, worker, epoch, position), so
+    its augmentation does not depend on what was loaded before it. A DataLoader takes each batch from
+    one worker, in turn; :meth:`set_position` restarts every worker at the position recorded from the
+    last batch it delivered (skipping samples without decoding them) and rotates the workers so that
+    the one whose turn was next delivers first. :class:`StreamPosition` does that bookkeeping.
     """
 
     def __init__(
@@ -239,6 +247,13 @@ class ShardedImageDataset(IterableDataset):
         self.on_error = check_on_error(on_error)
         self.bad_samples = BadSampleLog(error_log_dir if on_error == "skip" else None)
         self.epoch = 0
+        self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, samples already read)
+        self.first_worker = 0
+
+    def set_position(self, position: "StreamPosition") -> None:
+        """Start the next iteration where ``position`` (recorded from the delivered batches) left off."""
+        self.start = dict(position.workers)
+        self.first_worker = position.next_worker
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch seeding the shuffles; call it before iterating, like DistributedSampler."""
@@ -255,7 +270,8 @@ class ShardedImageDataset(IterableDataset):
         world_size = world_size if self.world_size is None else self.world_size
         info = get_worker_info()
         worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return rank, world_size, worker_id, num_workers
+        # the DataLoader always asks worker 0 first; after a resume the worker whose turn it was goes first
+        return rank, world_size, (worker_id + self.first_worker) % num_workers, num_workers
 
     def shards_for(
         self, rank: int, world_size: int, worker_id: int, num_workers: int, epoch: int
@@ -279,7 +295,7 @@ class ShardedImageDataset(IterableDataset):
         from webdataset.tariterators import tarfile_samples
 
         rank, world_size, worker_id, num_workers = self._place()
-        epoch = self.epoch
+        epoch, skip = self.start.get(worker_id, (self.epoch, 0))
         while True:
             shards = self.shards_for(rank, world_size, worker_id, num_workers, epoch)
             handler = wds.reraise_exception if self.on_error == "raise" else wds.warn_and_continue
@@ -290,18 +306,22 @@ class ShardedImageDataset(IterableDataset):
                     samples
                 )
             skipped = 0
-            for raw in samples:
-                sample = self._decode(raw)
+            for position, raw in enumerate(samples, start=1):
+                if position <= skip:  # read before a resume: not decoded again
+                    continue
+                with seeded_rngs(sample_seed(self.seed, rank, worker_id, epoch, position)):
+                    sample = self._decode(raw)
                 if sample is None:
                     skipped += 1
                     continue
                 # Carried by the next good sample, so a trainer summing it over batches counts
                 # bad samples across DataLoader workers (each worker has its own counter).
                 sample["bad_samples_skipped"], skipped = skipped, 0
+                sample["stream_position"] = torch.tensor([worker_id, epoch, position])
                 yield sample
             if not self.repeat or not shards:
                 return
-            epoch += 1
+            epoch, skip = epoch + 1, 0
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         key, url = raw["__key__"], raw.get("__url__", "?")
@@ -334,3 +354,38 @@ class ShardedImageDataset(IterableDataset):
             return None
         sample["index"] = int(meta.get("csv_line", 2)) - 2
         return sample
+
+
+class StreamPosition:
+    """Where a :class:`ShardedImageDataset` stream stands, from the batches a trainer has consumed.
+
+    ``update(batch)`` after each batch taken from the DataLoader; ``state_dict()`` goes into a
+    checkpoint, and ``dataset.set_position(StreamPosition.from_state(...))`` before the next
+    ``iter(loader)`` continues with exactly the batches that would have come next.
+    """
+
+    def __init__(self, num_workers: int, epoch: int = 0):
+        self.num_workers = max(1, num_workers)
+        self.workers: dict[int, tuple[int, int]] = {w: (epoch, 0) for w in range(self.num_workers)}
+        self.next_worker = 0
+
+    def update(self, batch: dict[str, Any]) -> None:
+        worker, epoch, position = (int(v) for v in batch["stream_position"][-1])
+        self.workers[worker] = (epoch, position)
+        self.next_worker = (worker + 1) % self.num_workers
+
+    @property
+    def epoch(self) -> int:
+        """Passes over the shards every worker has completed (the epoch all of them have reached)."""
+        return min(epoch for epoch, _ in self.workers.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "next_worker": self.next_worker,
+                "workers": [[w, e, p] for w, (e, p) in sorted(self.workers.items())]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "StreamPosition":
+        position = cls(int(state["num_workers"]))
+        position.workers = {int(w): (int(e), int(p)) for w, e, p in state["workers"]}
+        position.next_worker = int(state["next_worker"])
+        return position
