@@ -7,7 +7,7 @@
    autocast, and their largest relative gap per loss term.
 
     python benchmarks/bf16_numerics.py --checkpoint runs/stage2_tiny/tokenizer --device cpu
-    python benchmarks/bf16_numerics.py --checkpoint weights/meditok_simple_v1.pth --device cuda --train-preset large
+    python benchmarks/bf16_numerics.py --checkpoint weights/meditok_simple_v1.pth --device cuda --train-config stage1_large_h100
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import meditok  # noqa: E402
+import meditok
 
 
 def token_agreement(checkpoint: str, csv_path: str, root: str, device: torch.device, img_size=None) -> dict:
@@ -39,13 +38,15 @@ def token_agreement(checkpoint: str, csv_path: str, root: str, device: torch.dev
 
 def training_gap(flags: list, steps: int) -> dict:
     """Run train.py twice (fp32, bf16) in temp folders with the same seed; compare logged losses per step."""
+    import subprocess
     import tempfile
-    import train
     curves = {}
+    train_py = Path(__file__).resolve().parents[1] / "train.py"
     for precision in ("fp32", "bf16"):
         with tempfile.TemporaryDirectory() as tmp:
-            assert train.main([*flags, "--precision", precision, "--max_steps", str(steps), "--log_every", "1",
-                               "--vis_every", "0", "--save_every", str(steps + 1), "--output_dir", tmp]) == 0
+            subprocess.run([sys.executable, str(train_py), *flags, "--precision", precision, "--max-steps", str(steps),
+                            "--log-every", "1", "--vis-every", "0", "--save-every", str(steps + 1), "--output-dir", tmp],
+                           check=True, cwd=train_py.parent)
             curves[precision] = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     keys = ["loss/rec_l1", "loss/rec_l2", "loss/lpips", "loss/vq", "loss/contrast", "loss/total"]
     gaps = {}
@@ -72,7 +73,7 @@ def main() -> int:
     report = {"tokenization": token_agreement(a.checkpoint, a.csv, a.root, device, a.img_size)}
     print(json.dumps(report["tokenization"]))
     if a.steps:
-        flags = ["--config", a.train_config, "--device", a.device, "--deterministic", "true", "--num_workers", "0"]
+        flags = ["--config", a.train_config, "--device", a.device, "--deterministic", "--num-workers", "0"]
         report["training"] = training_gap(flags, a.steps)
         print(json.dumps(report["training"]["max_relative_gap"]))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

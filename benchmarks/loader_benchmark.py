@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from meditok.data import (  # noqa: E402
+from meditok.data import (
     CSVImageDataset,
     RandomCTWindow,
     ShardedImageDataset,

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import meditok  # noqa: E402
+import meditok
 
 PARTS = {  # attribute path → label
     "encoder.patch_embed": "encoder conv front", "encoder.blocks": "encoder ViT", "quant_proj": "bottleneck (in)",

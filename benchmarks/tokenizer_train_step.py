@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import meditok  # noqa: E402
-from meditok.info import forward_flops  # noqa: E402
+import meditok
+from meditok.info import forward_flops
 
 
 def main() -> int:

@@ -10,8 +10,10 @@ counted, so MFU is a lower bound).
 
     python -m evaluation.benchmark --preset large --stage 1 --batch-sizes 16 32 --biomedclip external/biomedclip \\
         --dino external/dinov2_vits14 --lpips-vgg external/vgg16.pth           # one H100
-    python -m evaluation.benchmark --preset tiny --img-size 64 --batch-sizes 2 --steps 2 \\
-        --biomedclip tiny --dino tiny --lpips-vgg random --device cpu            # CPU smoke run (CI)
+    python -m evaluation.benchmark --config stage1_tiny_cpu --batch-sizes 2 --steps 2 --no-inference  # CPU smoke run
+
+Every training flag of ``python train.py --help`` (and ``--config``) sets up the trainer being timed;
+the benchmark's own defaults are the ``large`` preset at 256 px on the GPU when there is one.
 
 Speed does not depend on weight values: offline machines can use `python scripts/make_tiny_networks.py
 --full-size` (real architectures, random weights) for the teacher and discriminator sources.
@@ -29,8 +31,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from evaluation import report
-from meditok.model import MedITok
-from utilities.args import Args
+from utilities.args import build_parser, parse_args
+from utilities.schedule import Schedule
 from utilities.trainer import Trainer
 
 
@@ -51,6 +53,12 @@ def synthetic_batch(trainer: Trainer, batch_size: int, device: torch.device, see
     return batch
 
 
+def steady_step(trainer: Trainer) -> int:
+    """A step past the learning-rate warm-up and the discriminator's start and warm-up: every loss active."""
+    s = trainer.schedule
+    return max(s.warmup_steps, s.disc_start + s.disc_warmup)
+
+
 def count_host_syncs(trainer: Trainer, next_batches, device: torch.device) -> Optional[int]:
     """GPU only: synchronising calls made by one more training step, counted by CUDA's sync debug mode (each
     one stalls the host until the GPU is idle). None on CPU."""
@@ -62,7 +70,7 @@ def count_host_syncs(trainer: Trainer, next_batches, device: torch.device) -> Op
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.step(batches, step=10_000, total_steps=1_000_000, warmup_steps=0, disc_start=0, disc_warmup=0)
+            trainer.step(batches, steady_step(trainer))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncing = [w for w in caught if "synchroniz" in str(w.message).lower()]
@@ -82,8 +90,7 @@ def time_steps(trainer: Trainer, next_batches, steps: int, warmup: int, device: 
         _sync(device)
         t0 = time.perf_counter()
         batches = next_batches()
-        logs, _, _ = trainer.step(batches, step=10_000, total_steps=1_000_000, warmup_steps=0, disc_start=0,
-                                  disc_warmup=0)
+        logs = trainer.step(batches, steady_step(trainer))
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -104,58 +111,56 @@ def time_steps(trainer: Trainer, next_batches, steps: int, warmup: int, device: 
     return record
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+BENCHMARK_DEFAULTS = {"preset": "large", "img_size": 256, "num_workers": 8,
+                      "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def parse(argv: Optional[List[str]] = None):
+    """(benchmark options, training Args): the benchmark's own flags here, every other flag (and --config)
+    through the training parser, so the timed trainer is configured exactly as ``train.py`` would be."""
     p = argparse.ArgumentParser(prog="python -m evaluation.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="large")
-    p.add_argument("--stage", type=int, choices=(1, 2), default=1)
-    p.add_argument("--img-size", type=int, default=256)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    p.add_argument("-h", "--help", action="store_true")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="per-GPU batches to time")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the tokenizer")
-    p.add_argument("--grad-ckpt-parts", default="all", choices=MedITok.CHECKPOINT_PARTS,
-                   help="what --grad-ckpt recomputes (train.py --grad_ckpt_parts)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    p.add_argument("--channels-last", action="store_true", help="NHWC convolutions (train.py --channels_last)")
-    p.add_argument("--compile", action="store_true", help="torch.compile tokenizer and loss networks (train.py --compile)")
-    p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--biomedclip", default="", help="teacher source (folder, hub id, 'tiny'); '' = default path")
-    p.add_argument("--dino", default="", help="discriminator backbone source ('tiny' for tests)")
-    p.add_argument("--lpips-vgg", default="", help="LPIPS VGG16 weights ('random' for tests)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per batch size")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--real-data", action="store_true",
-                   help="also time the step fed by the CSV data loader (--train-csv/--train-root)")
-    p.add_argument("--train-csv", default="datasets/meta/examples_train.csv")
-    p.add_argument("--train-root", default="datasets/examples")
-    p.add_argument("--num-workers", type=int, default=8)
+                   help="also time the step fed by the training data loader (--train-csv/--train-root or shards)")
     p.add_argument("--no-inference", action="store_true", help="skip the tokenize/decode/reconstruct grid")
     p.add_argument("--inference-settings", nargs="+", default=["16x256", "64x256", "8x512"],
                    help="BATCHxSIZE cells for the token API (default: 16x256 64x256 8x512)")
     p.add_argument("--out", default="outputs/benchmark", help="output folder (benchmark.json)")
-    a = p.parse_args(argv)
+    a, rest = p.parse_known_args(argv)
+    if a.help:
+        p.print_help()
+        print("\nTraining flags (python train.py --help):")
+        build_parser().print_help()
+        raise SystemExit(0)
+    return a, parse_args(rest, defaults=BENCHMARK_DEFAULTS)
 
-    device = torch.device(a.device)
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a, args = parse(argv)
+    args.batch_size = a.batch_sizes[0]
+    device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    args = Args(stage=a.stage, preset=a.preset, img_size=a.img_size, device=a.device, precision=a.precision,
-                grad_ckpt=a.grad_ckpt, grad_ckpt_parts=a.grad_ckpt_parts, channels_last=a.channels_last, compile=a.compile,
-                compile_backend=a.compile_backend, biomedclip=a.biomedclip, dino=a.dino, lpips_vgg=a.lpips_vgg,
-                train_csv=a.train_csv, train_root=a.train_root, num_workers=a.num_workers, batch_size=a.batch_sizes[0])
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     trainer = Trainer(args, device)
+    # a nominal epoch of 1,000 steps; every step is timed past the warm-ups, with every loss active
+    trainer.schedule = Schedule.from_args(args, steps_per_epoch=1000)
     env = {**report.environment(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
-           "channels_last": a.channels_last, "compile": a.compile,
-           "compile_backend": a.compile_backend if a.compile else None,
+           "channels_last": args.channels_last, "compile": args.compile,
+           "compile_backend": args.compile_backend if args.compile else None,
            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
     results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}
-    ckpt = a.grad_ckpt and a.grad_ckpt_parts  # False, or what is recomputed
+    ckpt = args.grad_ckpt and args.grad_ckpt_parts  # False, or what is recomputed
 
     for bs in a.batch_sizes:
-        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt, "data": "synthetic"}
+        cell = {"stage": args.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt, "data": "synthetic"}
         try:
             batch = synthetic_batch(trainer, bs, device)
             cell.update(time_steps(trainer, lambda: [batch], a.steps, a.warmup, device))
@@ -166,23 +171,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({k: v for k, v in cell.items() if k != "last_losses"}), flush=True)
 
     if a.real_data:
-        from train import build_dataset
-        from utilities.training_data import build_loader
+        from utilities.training_data import TrainingData
         bs = a.batch_sizes[0]
-        args.batch_size = bs
-        dataset = build_dataset(args, trainer.img_size, trainer.text_tokenizer, Path(a.out))
-        loader = build_loader(dataset, bs, a.num_workers, 0, 0, 1, device.type)
-        state = {"it": iter(loader)}
-
-        def next_real():
-            try:
-                return [next(state["it"])]
-            except StopIteration:
-                state["it"] = iter(loader)
-                return [next(state["it"])]
-        cell = {"stage": a.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt,
-                "data": f"loader({a.train_csv}, {a.num_workers} workers)"}
-        cell.update(time_steps(trainer, next_real, a.steps, a.warmup, device))
+        data = TrainingData(args, trainer.img_size, trainer.text_tokenizer, Path(a.out), 0, 1, device.type)
+        source = args.train_shards or args.train_csv
+        cell = {"stage": args.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt,
+                "data": f"loader({source}, {args.num_workers} workers)"}
+        cell.update(time_steps(trainer, lambda: data.next_batches(1), a.steps, a.warmup, device))
         results["train_step"].append(cell)
         print(json.dumps({k: v for k, v in cell.items() if k != "last_losses"}), flush=True)
 

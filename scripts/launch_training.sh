@@ -8,7 +8,7 @@
 #   NPROC         processes per node (GPUs); > 1 launches torchrun (default 1)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun rendezvous (defaults: 1, 0, 127.0.0.1, 29500)
 #   PYTHON        interpreter (default: .venv/bin/python if present, else python3)
-# Anything after STAGE is passed to train.py and wins over the config, e.g. --max_steps 20 --batch_size 4.
+# Anything after STAGE is passed to train.py and wins over the config, e.g. --max-steps 20 --batch-size 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: launch_training.sh STAGE [train.py flags...]}; shift
@@ -20,11 +20,19 @@ fi
 
 flags=(--config "$CONFIG")
 [ "$PRESET" != "tiny" ] && flags+=(--preset "$PRESET")
-[ -n "${TRAIN_CSV:-}" ] && flags+=(--train_csv "$TRAIN_CSV")
-[ -n "${TRAIN_ROOT:-}" ] && flags+=(--train_root "$TRAIN_ROOT")
-[ -n "${TRAIN_SHARDS:-}" ] && flags+=(--train_shards "$TRAIN_SHARDS")
-[ -n "${OUTPUT_DIR:-}" ] && flags+=(--output_dir "$OUTPUT_DIR")
-[ -n "${INIT_FROM:-}" ] && flags+=(--init_from "$INIT_FROM")
+[ -n "${TRAIN_CSV:-}" ] && flags+=(--train-csv "$TRAIN_CSV")
+[ -n "${TRAIN_ROOT:-}" ] && flags+=(--train-root "$TRAIN_ROOT")
+[ -n "${TRAIN_SHARDS:-}" ] && flags+=(--train-shards "$TRAIN_SHARDS")
+[ -n "${OUTPUT_DIR:-}" ] && flags+=(--output-dir "$OUTPUT_DIR")
+[ -n "${INIT_FROM:-}" ] && flags+=(--init-from "$INIT_FROM")
+
+# Stage 2 continues a stage-1 run: say so before any model is built when it is not there yet.
+init=${INIT_FROM:-$(sed -n 's/.*"init_from": *"\([^"]*\)".*/\1/p' "configs/${CONFIG%.json}.json" 2>/dev/null)}
+if [ "$STAGE" = "2" ] && [ -n "$init" ] && [[ "$init" != hf-hub:* ]] && [ ! -e "$init" ]; then
+    echo "stage 2 starts from $init, which does not exist yet: run stage 1 first (bash scripts/train_stage1.sh)," \
+         "or set INIT_FROM to stage-1 weights (e.g. weights/meditok_simple_v1.pth)" >&2
+    exit 2
+fi
 
 # The CPU try-out uses tiny random stand-ins for BiomedCLIP and DINO: make them once (seconds).
 if grep -q '"external/tiny/' "configs/${CONFIG%.json}.json" 2>/dev/null && [ ! -d external/tiny/biomedclip ]; then

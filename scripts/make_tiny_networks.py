@@ -19,13 +19,10 @@ meaningless, they only exercise the real code paths. Real weights: see external/
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from local_openclip.constants import TINY_BIOMEDCLIP_NAME, TINY_DIR, TINY_DINO_NAME, default_location  # noqa: E402
+from local_openclip.constants import TINY_BIOMEDCLIP_NAME, TINY_DIR, TINY_DINO_NAME, default_location
 
 
 def folder_size(path: Path) -> int:

@@ -25,3 +25,43 @@ def images():
     g = torch.Generator().manual_seed(1)
     base = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
     return torch.nn.functional.interpolate(base, size=(64, 64), mode="bilinear", align_corners=False)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_networks(tmp_path_factory):
+    """Tiny random BiomedCLIP and DINO, written to disk by the project's own code and loaded back."""
+    from local_openclip.tiny import make_tiny_biomedclip
+    from utilities.discriminator import make_tiny_dino
+    out = tmp_path_factory.mktemp("tiny")
+    return {"biomedclip": str(make_tiny_biomedclip(out / "biomedclip")), "dino": str(make_tiny_dino(out / "dinov2"))}
+
+
+@pytest.fixture
+def train_argv(tiny_networks):
+    """train.py flags for a tiny CPU run on the example set (every loss on), as a function of the run folder
+    and overrides: ``train_argv(run_dir, max_steps=3, adv_weight=0)``."""
+    def build(run_dir, **overrides):
+        flags = {
+            "stage": 1, "preset": "tiny", "img_size": 32, "batch_size": 4, "num_workers": 0, "device": "cpu",
+            "train_csv": os.path.join(ROOT, "datasets/meta/examples_train.csv"),
+            "train_root": os.path.join(ROOT, "datasets/examples"),
+            "biomedclip": tiny_networks["biomedclip"], "dino": tiny_networks["dino"], "lpips_vgg": "random",
+            "output_dir": str(run_dir), "log_every": 1, "vis_every": 0, "save_every": 100, "warmup_epochs": 0.2,
+            "disc_start_epochs": 0.2, "disc_warmup_epochs": 0.2, "seed": 3,
+        }
+        flags.update(overrides)
+        argv = []
+        for k, v in flags.items():
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        return argv
+    return build
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic kernels for the test, switched off afterwards."""
+    yield
+    torch.use_deterministic_algorithms(False)

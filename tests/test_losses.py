@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from utilities.losses import (adaptive_adversarial_weight, bcr_loss, clip_contrastive_loss, hinge_d_loss,
-                              hinge_g_loss, linear_warmup)
-from utilities.schedule import cosine_lr
+                              hinge_g_loss)
+from utilities.schedule import cosine_lr, linear_warmup
 
 
 def explicit_clip_loss(img, txt, scale):

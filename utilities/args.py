@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
+from meditok.config import PRESETS
 from meditok.model import MedITok
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,52 +30,53 @@ class Args:
     # --- data ------------------------------------------------------------------------------------
     train_csv: str = "datasets/meta/examples_train.csv"  # CSV with identifier, caption, modality
     train_root: str = "datasets/examples"  # folder the CSV identifiers are relative to
-    train_shards: str = ""  # webdataset shards (brace pattern); used instead of the CSV when set
-    csv_sep: str = ","
-    image_column: str = "identifier"
-    caption_column: str = "caption"
-    modality_column: str = "modality"
+    train_shards: str = ""  # webdataset shards (folder, index.json or brace pattern); used instead of the CSV when set
+    vis_csv: str = ""  # images for the reconstruction grids ('' = the training CSV; for shards: the stream's first batch)
+    vis_root: str = ""  # folder the --vis-csv identifiers are relative to
+    csv_sep: str = ","  # CSV field separator
+    image_column: str = "identifier"  # CSV column of image paths
+    caption_column: str = "caption"  # CSV column of captions (stage 2)
+    modality_column: str = "modality"  # CSV column of modalities (CT windowing, grids)
     on_bad_sample: str = "raise"  # raise: stop naming the file; skip: count, warn, list in bad_samples.csv
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes per training process (0 = load in the training process)
     # --- schedule --------------------------------------------------------------------------------
-    epochs: float = 3.0
+    epochs: float = 3.0  # passes over the data (SPEC §2: 3 in stage 1, 2 in stage 2); --max-steps wins when set
     max_steps: int = 0  # stop after this many optimiser steps (0 = epochs decide)
     samples_per_epoch: int = 0  # for shards: samples in one epoch (0 = unknown: needs max_steps)
     batch_size: int = 16  # per process
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimiser step (global batch = batch_size × processes × grad_accum)
     # --- tokenizer optimiser (AdamW) ---------------------------------------------------------------
-    lr: float = 5e-4
-    lr_end: float = 5e-5
-    warmup_epochs: float = 0.01
-    weight_decay: float = 0.02
-    betas: Tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-6
-    grad_clip: float = 10.0
+    lr: float = 5e-4  # peak learning rate, after the linear warm-up
+    lr_end: float = 5e-5  # cosine floor
+    warmup_epochs: float = 0.01  # linear warm-up length, in epochs
+    weight_decay: float = 0.02  # AdamW weight decay (not on norms, biases and the logit scale)
+    betas: Tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    grad_clip: float = 10.0  # gradient-norm clip of the tokenizer (+ alignment head)
+    on_nonfinite: str = "stop"  # a step with a NaN/Inf loss or gradient: stop (naming the checkpoint to go back to) or skip it
+    max_nonfinite_skips: int = 10  # with --on-nonfinite skip: stop after this many non-finite steps in a row
     # --- loss weights ----------------------------------------------------------------------------
-    l1_weight: float = 0.2
+    l1_weight: float = 0.2  # each loss weight: 0 turns the term off (and its network is not built)
     l2_weight: float = 1.0
-    lpips_weight: float = 1.0
+    lpips_weight: float = 1.0  # LPIPS(VGG16)
     vq_weight: float = 1.0
-    adv_weight: float = 0.4  # base of the adaptive GAN weight
-    adv_clamp: Tuple[float, float] = (0.015, 1e4)
-    contrast_weight: float = -1.0  # -1 = SPEC default for the stage: 0.1 (stage 1), 1.0 (stage 2)
-    bcr_weight: float = 4.0
-    bcr_cutout: float = 0.2
-    diffaug_cutout: float = 0.2
+    adv_weight: float = 0.4  # base of the adaptive GAN weight; 0 = no discriminator
+    adv_clamp: Tuple[float, float] = (0.015, 1e4)  # clamp of the ratio ‖∇L_nll‖/‖∇L_adv‖
+    contrast_weight: float = -1.0  # -1 = SPEC default for the stage: 0.1 (stage 1), 1.0 (stage 2); 0 = no teacher
+    bcr_weight: float = 4.0  # balanced consistency regularisation of the discriminator
+    bcr_cutout: float = 0.2  # cutout of the strong augmentation for BCR
+    diffaug_cutout: float = 0.2  # cutout of DiffAugment on the discriminator's inputs
     # --- discriminator (AdamW) -------------------------------------------------------------------
-    disc_lr: float = 2e-5
+    disc_lr: float = 2e-5  # discriminator heads' peak learning rate (cosine, no warm-up)
     disc_lr_end: float = 2e-6
     disc_betas: Tuple[float, float] = (0.5, 0.9)
     disc_weight_decay: float = 0.2
-    disc_start_epochs: float = 0.0
-    disc_warmup_epochs: float = 0.03
+    disc_start_epochs: float = 0.0  # when the discriminator starts, in epochs
+    disc_warmup_epochs: float = 0.03  # warm-up of the adversarial weight after the start, in epochs
     # --- pretrained networks (local paths; hub ids work when online) --------------------------------
     biomedclip: str = ""  # BiomedCLIP folder or hub id ('' = local_openclip default)
     lpips_vgg: str = ""  # VGG16 weights for LPIPS ('' = default path; 'random' only for try-outs)
     dino: str = ""  # DINOv2 ViT-S/14 weights for the discriminator ('' = default path)
-    use_lpips: bool = True
-    use_disc: bool = True
-    use_contrast: bool = True
     # --- runtime ---------------------------------------------------------------------------------
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16
@@ -84,18 +87,18 @@ class Args:
     compile_backend: str = "inductor"  # torch.compile backend ('aot_eager' traces without generating kernels)
     peak_tflops: float = 0.0  # accelerator's peak for the MFU in the logs (0 = known GPUs' bf16 dense peak)
     ema_decay: float = 0.0  # 0 = no EMA weights
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0  # initialisation and data order; each rank draws its augmentations from its own stream
+    deterministic: bool = False  # deterministic kernels (bit-exact resume; slower)
     # --- output ----------------------------------------------------------------------------------
     output_dir: str = "runs/stage1_tiny"
-    resume: str = ""  # '' = fresh run; 'auto' = newest valid checkpoint in output_dir; or a path
+    resume: str = ""  # '' = fresh run; 'auto' = newest usable checkpoint in output_dir; a checkpoint path; 'restart' = from step 0 over unusable ones
     stop_at_step: int = 0  # save and exit after this step (end of a job allocation); continue with --resume auto
-    log_every: int = 10
+    log_every: int = 10  # console line and metrics.jsonl record every N steps
     vis_every: int = 100  # reconstruction grid every N steps and at the end; 0 = none
     save_every: int = 200  # checkpoint every N steps; 0 = only at the end (and on a stop)
-    keep_checkpoints: int = 2
-    report_wandb: bool = False
-    wandb_project: str = "meditok"
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run folder
+    report_wandb: bool = False  # log to wandb (offline: WANDB_MODE=offline)
+    wandb_project: str = "meditok"  # wandb project name
 
     # ----------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -103,18 +106,25 @@ class Args:
         if self.stage not in (1, 2):
             problems.append(f"--stage must be 1 or 2, got {self.stage}")
         if self.on_bad_sample not in ("raise", "skip"):
-            problems.append(f"--on_bad_sample must be 'raise' or 'skip', got {self.on_bad_sample!r}")
+            problems.append(f"--on-bad-sample must be 'raise' or 'skip', got {self.on_bad_sample!r}")
+        if self.preset not in PRESETS:
+            problems.append(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            problems.append(f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.grad_ckpt_parts not in MedITok.CHECKPOINT_PARTS:
-            problems.append(f"--grad_ckpt_parts must be {', '.join(MedITok.CHECKPOINT_PARTS[:-1])} or "
+            problems.append(f"--grad-ckpt-parts must be {', '.join(MedITok.CHECKPOINT_PARTS[:-1])} or "
                             f"{MedITok.CHECKPOINT_PARTS[-1]}, got {self.grad_ckpt_parts!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
-            problems.append("--batch_size and --grad_accum must be ≥ 1")
+            problems.append("--batch-size and --grad-accum must be ≥ 1")
+        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
+            problems.append(f"nothing to train: --max-steps {self.max_steps} and --epochs {self.epochs} (give "
+                            f"--max-steps > 0, or --max-steps 0 and --epochs > 0)")
         if self.log_every < 1:
-            problems.append(f"--log_every must be ≥ 1, got {self.log_every}")
+            problems.append(f"--log-every must be ≥ 1, got {self.log_every}")
         if self.vis_every < 0 or self.save_every < 0:
-            problems.append(f"--vis_every and --save_every must be ≥ 0 (0 = off / only at the end), got "
+            problems.append(f"--vis-every and --save-every must be ≥ 0 (0 = off / only at the end), got "
                             f"{self.vis_every} and {self.save_every}")
         if problems:
             raise ValueError("; ".join(problems))
@@ -134,17 +144,56 @@ class Args:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], source: str = "config") -> "Args":
+        d = _translate_deprecated(dict(d), source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown argument(s) {unknown}. Valid names: `python train.py --help`.")
         hints = get_type_hints(cls)
-        return cls(**{k: _coerce(v, hints[k]) for k, v in d.items()})
+        return cls(**{k: _coerce(v, hints[k], k, source) for k, v in d.items()})
 
 
-def _coerce(value: Any, hint: Any) -> Any:
+# Switches replaced by "weight 0 turns a term off"; saved args.json files and old commands still read.
+DEPRECATED_SWITCHES = {"use_lpips": "lpips_weight", "use_disc": "adv_weight", "use_contrast": "contrast_weight"}
+
+
+def _translate_deprecated(d: Dict[str, Any], source: str) -> Dict[str, Any]:
+    for old, weight in DEPRECATED_SWITCHES.items():
+        if old not in d:
+            continue
+        value = d.pop(old)
+        on = _parse_bool(value) if isinstance(value, str) else bool(value)
+        if not on:
+            d[weight] = 0.0
+        warnings.warn(f"{source}: '{old}' is deprecated and will go; use '{weight}' (0 turns the term off)"
+                      + ("" if on else f" — read as {weight} = 0"), FutureWarning, stacklevel=3)
+    return d
+
+
+def _coerce(value: Any, hint: Any, name: str = "", source: str = "config") -> Any:
+    """A config value as the field's type; a value of another type is an error naming the key and the file
+    ("batch_size": "8" or 8.5), while an integral float for an int and an int for a float are accepted."""
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{source}: {name!r} must be {expected}, got {value!r}")
     if get_origin(hint) is tuple:
-        return tuple(get_args(hint)[0](v) for v in value)
+        item, n = get_args(hint)[0], len(get_args(hint))
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            raise bad(f"a list of {n} numbers")
+        return tuple(_coerce(v, item, name, source) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad("a whole number")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise bad("a string")
     return value
 
 
@@ -166,10 +215,14 @@ def resolve_config_path(name: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags are kebab-case (``--batch-size``) like every other CLI of the project; the snake_case spelling
+    (``--batch_size``) is accepted as an alias. A bool flag alone means true (``--deterministic``); an
+    explicit value works too (``--deterministic false``)."""
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train the MedITok tokenizer (stage 1: visual alignment; stage 2: textual alignment). "
-                    "Values come from the defaults (SPEC §2), then --config, then the command line.",
+                    "Values come from the defaults (docs/method.md §2), then --config, then the command line. "
+                    "Config files use the snake_case names (batch_size).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", help="JSON config: a path or a name in configs/ (e.g. stage1_tiny_cpu); "
                         "values on the command line win over it")
@@ -177,14 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     comments = _field_comments()
     for f in fields(Args):
         hint = hints[f.name]
-        kwargs: Dict[str, Any] = {"default": None, "help": f"{comments.get(f.name, '')} (default: {f.default})"}
+        kwargs: Dict[str, Any] = {"default": None, "dest": f.name,
+                                  "help": f"{comments.get(f.name, '')} (default: {f.default})"}
         if hint is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif get_origin(hint) is tuple:
             kwargs.update(type=get_args(hint)[0], nargs=len(get_args(hint)))
         else:
             kwargs.update(type=hint)
-        parser.add_argument(f"--{f.name}", **kwargs)
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parser.add_argument(*names, **kwargs)
+    for old in DEPRECATED_SWITCHES:  # hidden: old commands keep working, with a deprecation message
+        parser.add_argument(f"--{old}", f"--{old.replace('_', '-')}", dest=old, default=None, type=_parse_bool,
+                            nargs="?", const=True, help=argparse.SUPPRESS)
     return parser
 
 
@@ -200,14 +258,41 @@ def _field_comments() -> Dict[str, str]:
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
-    ns = build_parser().parse_args(argv)
-    values: Dict[str, Any] = {}
-    if ns.config:
-        path = resolve_config_path(ns.config)
-        values.update(json.loads(path.read_text()))
-        values.pop("_comment", None)
-    for k, v in vars(ns).items():
-        if k != "config" and v is not None:
-            values[k] = v
-    return Args.from_dict(values, source=ns.config or "command line")
+# Path arguments that a config file in configs/ gives relative to the repository (resolved against it when
+# they do not exist relative to the working directory, so train.py runs from any folder).
+PATH_ARGS = ("train_csv", "train_root", "train_shards", "vis_csv", "vis_root", "init_from", "encoder_init",
+             "biomedclip", "lpips_vgg", "dino")
+
+
+def _resolve_config_paths(values: Dict[str, Any]) -> None:
+    for key in PATH_ARGS:
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists() \
+                and (ROOT / value).exists():
+            values[key] = str(ROOT / value)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None) -> Args:
+    """Args from ``defaults`` (a caller's own, e.g. the step benchmark's), then --config, then the command line.
+    A bad value or config file ends with one usage line naming the flag or the file and key (exit 2)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    values: Dict[str, Any] = dict(defaults or {})
+    try:
+        if ns.config:
+            path = resolve_config_path(ns.config)
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: expected a JSON object of argument names and values")
+            config.pop("_comment", None)
+            _resolve_config_paths(config)
+            values.update(config)
+        for k, v in vars(ns).items():
+            if k != "config" and v is not None:
+                values[k] = v
+        return Args.from_dict(values, source=ns.config or "command line")
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, RNG states, exact resume.
+"""Training checkpoints: what one holds, atomic writes, the run folder, exact resume.
 
 A checkpoint is a plain dict of tensors, numbers, strings and containers (readable with
 ``torch.load(weights_only=True)``, and by ``meditok.load_meditok`` which finds the tokenizer under
@@ -6,78 +6,86 @@ A checkpoint is a plain dict of tensors, numbers, strings and containers (readab
 
     format, config (tokenizer config), model (tokenizer state dict, released names), heads (alignment
     projections), disc (trainable discriminator heads), optimizer, disc_optimizer, ema (optional),
-    step, epoch, batch_in_epoch, rng, args
+    step, epoch, ranks (one entry per process: its RNG states and its data position), args
 
-Files are ``ckpt-{step:08d}.pth`` in the run folder, written to a temp file, fsynced and renamed, so
-an interrupted save never leaves a half-written checkpoint under a checkpoint name.
+Files are ``ckpt-{step:08d}.pth`` in the run folder, written by :func:`meditok.atomic_write` (temp
+file, fsync, rename), so an interrupted save never leaves a half-written checkpoint under a
+checkpoint name. :class:`Checkpointer` is the one place that builds, writes, finds and reads them.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
-import random
 import re
-import tempfile
+import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
+
+import meditok
+from meditok.seeding import rng_state, set_rng_state
+
+from . import dist
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{8})\.pth$")
 FORMAT = "meditok-train"
+# meditok.atomic_write's temp files: ".<final name>.<8 random chars>.tmp"
+TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+HEALTHY_FILE = "healthy.json"  # the newest checkpoint after which training was seen to stay finite
+LOCK_FILE = ".lock"
 
 
-def rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": _python_state_to_plain(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(_python_state_from_plain(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def atomic_torch_save(obj: Any, path: Path) -> str:
+    """``torch.save`` through :func:`meditok.atomic_write`, then ``<path>.sha256`` beside it (the format of
+    ``sha256sum``, so ``sha256sum -c ckpt-*.pth.sha256`` checks it too). Returns the hex digest."""
+    digest = {}
+
+    def write(f) -> None:
+        hashing = _HashingWriter(f)
+        torch.save(obj, hashing)
+        digest["hex"] = hashing.sha256.hexdigest()
+    meditok.atomic_write(path, write)
+    meditok.atomic_write(checksum_path(path), lambda f: f.write(f"{digest['hex']}  {Path(path).name}\n".encode()))
+    return digest["hex"]
 
 
-def _python_state_to_plain(state):
-    version, internal, gauss = state
-    return {"version": version, "internal": list(internal), "gauss": gauss}
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
 
 
-def _python_state_from_plain(d):
-    return (d["version"], tuple(d["internal"]), d["gauss"])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def verify_checksum(path: Path) -> None:
+    """Raise ValueError when ``path`` no longer matches the checksum written with it (no sidecar: nothing to
+    check, as for checkpoints written before checksums)."""
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return
+    expected = sidecar.read_text().split()[0]
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            sha.update(chunk)
+    if sha.hexdigest() != expected:
+        raise ValueError(f"its contents do not match {sidecar.name} (sha256 {sha.hexdigest()[:12]}… vs "
+                         f"{expected[:12]}…): the file was changed or damaged after it was written")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -98,21 +106,255 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a MedITok training checkpoint (format {ckpt.get('format')!r})")
+    if "ranks" not in ckpt:  # written before per-rank states: one RNG state, a CSV position
+        ckpt["ranks"] = [{"rng": ckpt["rng"], "data": {"kind": "csv", "epoch": ckpt["epoch"],
+                                                       "batch_in_epoch": ckpt["batch_in_epoch"]}}]
     return ckpt
 
 
+SET_ASIDE_SUFFIX = ".unusable"
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename an unusable checkpoint (never delete it: it may be rescued by hand) out of the checkpoint
+    pattern, so that neither resume nor pruning counts it."""
+    target = Path(path).with_name(Path(path).name + SET_ASIDE_SUFFIX)
+    os.replace(path, target)
+    if checksum_path(path).exists():
+        os.replace(checksum_path(path), checksum_path(target))
+    warnings.warn(f"setting aside checkpoint {path} → {target.name}: {why}")
+    return target
+
+
+def set_aside_checkpoints(run_dir: Path) -> List[Path]:
+    return sorted(Path(run_dir).glob(f"ckpt-*.pth{SET_ASIDE_SUFFIX}")) if Path(run_dir).is_dir() else []
+
+
 def find_resume_checkpoint(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The newest checkpoint in ``run_dir`` that loads; unreadable ones are reported and skipped."""
+    """The newest checkpoint in ``run_dir`` that matches its checksum, loads and holds finite weights; the
+    others are set aside (renamed ``*.unusable``, never deleted) with a message."""
     for path in list_checkpoints(run_dir):
         try:
+            verify_checksum(path)
             ckpt = load_checkpoint(path)
-            ckpt["_path"] = str(path)
-            return ckpt
-        except Exception as e:  # corrupt/truncated: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
+        except Exception as e:  # corrupt/truncated/changed: fall back to the previous one
+            set_aside(path, f"unreadable ({type(e).__name__}: {e})")
+            continue
+        bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            del ckpt
+            set_aside(path, f"{len(bad)} tensors hold NaN/Inf (e.g. {bad[0]})")
+            continue
+        ckpt["_path"] = str(path)
+        return ckpt
     return None
 
 
+def healthy_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint recorded as healthy (finite weights, and a finite loss logged after it), if it exists."""
+    record = Path(run_dir) / HEALTHY_FILE
+    try:
+        path = Path(run_dir) / json.loads(record.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if path.is_file() else None
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints and, whatever its age, the one recorded as healthy (set-aside,
+    unusable files do not match the checkpoint pattern: never counted, never deleted)."""
+    protected = healthy_checkpoint(run_dir)
     for old in list_checkpoints(run_dir)[max(keep, 1):]:
-        old.unlink(missing_ok=True)
+        if old != protected:
+            old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(run_dir: Path) -> List[Path]:
+    """Temp files of saves that a kill interrupted (only meditok.atomic_write's own pattern), in the run
+    folder and its tokenizer folders."""
+    removed = []
+    for folder in (run_dir, run_dir / "tokenizer", run_dir / "tokenizer_ema"):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.is_file() and TEMP_PATTERN.match(p.name):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed
+
+
+class RunFolderLock:
+    """An OS lock (flock) on ``<run>/.lock`` held for the life of a run, so a second trainer on the same
+    folder stops at once instead of overwriting the first one's checkpoints. The OS releases it when the
+    holder exits or dies, so ``--resume auto`` after a crash just proceeds."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "another process"
+            os.close(self._fd)
+            raise SystemExit(f"{Path(run_dir)} is in use by a running trainer ({holder}); stop it first or pick "
+                             f"another --output-dir (nothing was changed)") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+class Checkpointer:
+    """Owns the run folder and its checkpoints: locks the folder for the run, removes temp files of
+    interrupted saves, builds the checkpoint dict from the trainer and the training data of every rank,
+    writes it atomically (only from finite weights), prunes old ones (never the one recorded as healthy),
+    and restores a run from one.
+
+    Each rank contributes its own RNG states and data position (gathered with one collective at a save),
+    so a resumed rank continues its own augmentation stream, not rank 0's."""
+
+    def __init__(self, run_dir: Path, keep: int, args):
+        self.run_dir, self.keep, self.args = Path(run_dir), keep, args
+        self.lock = None
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunFolderLock(self.run_dir)
+            for stale in remove_stale_temp_files(self.run_dir):
+                print(f"[checkpoint] removed {stale}, left by an interrupted save", flush=True)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _source(self) -> Optional[Dict[str, Any]]:
+        """The checkpoint ``--resume`` names, None for a fresh run (refusing a folder that holds a run)."""
+        resume = self.args.resume
+        if not resume and (list_checkpoints(self.run_dir) or set_aside_checkpoints(self.run_dir)):
+            raise SystemExit(f"{self.run_dir} already holds checkpoints of a run ({(list_checkpoints(self.run_dir) or set_aside_checkpoints(self.run_dir))[0].name})."
+                             f" Continue it with --resume auto, or pick another --output-dir (nothing was overwritten).")
+        if resume == "restart":
+            if list_checkpoints(self.run_dir):
+                raise SystemExit(f"--resume restart: {self.run_dir} holds usable checkpoints; continue with --resume "
+                                 f"auto, or pick another --output-dir")
+            return None
+        if resume == "auto":
+            ckpt = find_resume_checkpoint(self.run_dir)
+            if ckpt is None and set_aside_checkpoints(self.run_dir):
+                names = ", ".join(p.name for p in set_aside_checkpoints(self.run_dir))
+                raise SystemExit(f"{self.run_dir} had progress but none of its checkpoints is usable ({names}); "
+                                 f"nothing was deleted. Resume from a copy you trust with --resume PATH, or start "
+                                 f"this run over from step 0 with --resume restart.")
+            if ckpt is None and dist.is_main():
+                print(f"[resume] no checkpoint in {self.run_dir}: starting fresh", flush=True)
+            return ckpt
+        if resume:
+            path = Path(resume)
+            if path.is_dir():
+                raise SystemExit(f"--resume {resume} is a folder: use --resume auto --output-dir {resume}, or name a "
+                                 f"checkpoint file in it (ckpt-*.pth)")
+            if not path.is_file():
+                raise SystemExit(f"--resume {resume}: no such checkpoint file")
+            try:
+                verify_checksum(path)
+                ckpt = load_checkpoint(path)
+            except (ValueError, RuntimeError, OSError) as e:
+                raise SystemExit(f"--resume {resume}: not a usable checkpoint: {e}") from None
+            ckpt["_path"] = resume
+            return ckpt
+        return None
+
+    def restore(self, trainer, data) -> int:
+        """Load the checkpoint ``--resume`` asks for into ``trainer`` and ``data`` (and this rank's RNGs);
+        returns the step to continue from (0 for a fresh run)."""
+        ckpt = self._source()
+        if ckpt is None:
+            return 0
+        trainer.load_state_dict(ckpt)
+        self._warn_changed_arguments(ckpt)
+        ranks, rank = ckpt["ranks"], dist.rank()
+        if len(ranks) != dist.world_size() and dist.is_main():
+            print(f"[resume] {ckpt['_path']} was written by {len(ranks)} process(es), this run has "
+                  f"{dist.world_size()}: data order and random streams continue approximately, not exactly",
+                  flush=True)
+        own = ranks[rank % len(ranks)]
+        data.load_state_dict(own["data"])
+        set_rng_state(own["rng"])
+        if dist.is_main():
+            print(f"[resume] {ckpt['_path']}: step {ckpt['step']}, epoch {ckpt['epoch']}", flush=True)
+        return int(ckpt["step"])
+
+    # arguments that change the data order or the batches: resuming with other values is not exact
+    ORDER_ARGS = ("seed", "batch_size", "grad_accum", "train_csv", "train_root", "train_shards", "img_size",
+                  "num_workers", "samples_per_epoch")
+
+    def _warn_changed_arguments(self, ckpt: Dict[str, Any]) -> None:
+        saved = ckpt.get("args") or {}
+        now = self.args.to_dict()
+        changed = [f"{k} {saved[k]!r} → {now[k]!r}" for k in self.ORDER_ARGS
+                   if k in saved and saved[k] != now[k] and not (k == "num_workers" and not now["train_shards"])]
+        if changed and dist.is_main():
+            warnings.warn(f"resuming {ckpt['_path']} with arguments that change the data order or the batches: "
+                          f"{'; '.join(changed)}. The run continues, but not exactly as it would have.")
+
+    def newest_healthy(self) -> str:
+        """For messages: the newest checkpoint to go back to, and how."""
+        path = healthy_checkpoint(self.run_dir) or next(iter(list_checkpoints(self.run_dir)), None)
+        if path is None:
+            return f"{self.run_dir} holds no checkpoint yet"
+        return f"the newest healthy checkpoint is {path} (continue from it with --resume {path})"
+
+    def mark_healthy(self, step: int) -> None:
+        """A finite loss was logged at ``step``: the newest checkpoint at or before it is known to be good."""
+        if not dist.is_main():
+            return
+        good = next((p for p in list_checkpoints(self.run_dir) if int(CKPT_PATTERN.match(p.name).group(1)) <= step),
+                    None)
+        if good is not None and good != healthy_checkpoint(self.run_dir):
+            meditok.atomic_write(self.run_dir / HEALTHY_FILE,
+                                 lambda f: f.write(json.dumps({"checkpoint": good.name, "loss_finite_at_step": step})
+                                                   .encode()))
+
+    def save(self, step: int, trainer, data) -> Optional[Path]:
+        """Write ``ckpt-{step}.pth`` (every rank must call this: the per-rank states are gathered).
+
+        Refuses non-finite weights (one host sync per save), naming the checkpoint to go back to; a disk or
+        I/O error ends the run with one message naming the file, the free space and how to continue."""
+        ranks = dist.all_gather_objects({"rng": rng_state(), "data": data.state_dict()})
+        if not dist.is_main():
+            return None
+        bad = trainer.nonfinite_tensors()
+        if bad:
+            raise FloatingPointError(f"step {step}: not saving a checkpoint of non-finite weights ({len(bad)} tensors, "
+                                     f"e.g. {', '.join(bad[:3])}); {self.newest_healthy()}. Lower --lr or check the "
+                                     f"data.")
+        state = {"format": FORMAT, **trainer.state_dict(), "step": step, "epoch": data.epoch, "ranks": ranks,
+                 "args": self.args.to_dict()}
+        path = checkpoint_path(self.run_dir, step)
+        try:
+            atomic_torch_save(state, path)
+        except (OSError, RuntimeError) as error:
+            cause = _os_error_in(error)
+            if cause is None:
+                raise
+            free = shutil.disk_usage(self.run_dir).free / 1024 ** 3
+            what = "the disk is full" if cause.errno == errno.ENOSPC else f"{cause.strerror or cause}"
+            previous = next(iter(list_checkpoints(self.run_dir)), None)
+            raise SystemExit(f"[checkpoint] could not write {path}: {what} ({free:.2f} GB free on its disk). "
+                             + (f"The previous checkpoint {previous} is intact: " if previous else "")
+                             + f"free space, then continue with `--resume auto --output-dir {self.run_dir}`.") from None
+        prune_checkpoints(self.run_dir, self.keep)
+        return path
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind an exception (torch.save wraps it in a RuntimeError), if any."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import List
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -87,3 +87,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / world_size()
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; for small states such as RNGs)."""
+    if not is_initialized():
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

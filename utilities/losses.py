@@ -9,7 +9,9 @@ Discriminator: hinge loss + balanced consistency regularisation (BCR, weight 4).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +62,33 @@ def adaptive_adversarial_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, ba
     return (base * warmup * ratio.clamp(*clamp)).detach()
 
 
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    """0 → 1 linearly over ``warmup_steps`` (1 from the start when warmup_steps ≤ 0)."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, step / warmup_steps)
+# --------------------------------------------------------------------------------------------------
+# Loss terms as declarations: the trainer evaluates and differentiates whatever is declared here.
+
+class LossKind(str, Enum):
+    """How a term's gradient reaches the tokenizer (see ``GeneratorObjective``)."""
+    IMAGE = "image"  # fn(x̂, x) → scalar: part of L_nll, differentiated w.r.t. x̂ and in the adaptive weight
+    LATENT = "latent"  # fn(model outputs) → scalar (VQ, contrastive): backpropagated directly
+    ADVERSARIAL = "adversarial"  # fn(x̂) → scalar through the discriminator, weighted by λ_adv (VQGAN)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the tokenizer's objective: logged as ``loss/<name>``; weight 0 means not declared."""
+    name: str
+    kind: LossKind
+    weight: float
+    fn: Callable[..., torch.Tensor]
+
+
+@dataclass
+class GeneratorObjective:
+    """The single-backward contract of a training step: every image-space term contributes to
+    ``rec_grad`` = ∂L/∂x̂ (taken on a detached copy of x̂, so LPIPS and DINO are differentiated once),
+    every latent term to the scalar ``latent``; ``backward`` then carries both through the tokenizer in
+    one pass. A term declared with its kind is automatically part of both."""
+    rec_grad: torch.Tensor
+    latent: torch.Tensor
+
+    def backward(self, rec: torch.Tensor, scale: float) -> None:
+        torch.autograd.backward([rec, self.latent * scale], [self.rec_grad * scale, None])

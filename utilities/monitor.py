@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -67,6 +67,14 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step`` (a resumed run logs the later steps again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        from meditok import atomic_write
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+
 
 def read_metrics(path: Path) -> List[Dict[str, float]]:
     path = Path(path)
@@ -100,11 +108,15 @@ class Throughput:
         return r
 
 
-def plot_loss_curves(metrics_path: Path, out_path: Path,
-                     keys: Iterable[str] = ("loss/rec_l1", "loss/rec_l2", "loss/lpips", "loss/vq", "loss/contrast",
-                                            "loss/g_adv", "loss/disc", "codebook_usage")) -> Optional[Path]:
-    """One panel per logged quantity against the step; returns the PNG path (None if nothing logged)."""
+def plot_loss_curves(metrics_path: Path, out_path: Path, keys: Optional[Iterable[str]] = None,
+                     title: Optional[str] = None) -> Optional[Path]:
+    """One panel per logged quantity against the step; returns the PNG path (None if nothing logged).
+    ``keys`` None: every ``loss/*`` key in the log, then the adaptive weight, codebook usage and lr."""
     records = read_metrics(metrics_path)
+    if keys is None:
+        seen = list(dict.fromkeys(k for r in records for k in r))
+        keys = [k for k in seen if k.startswith("loss/")] + [k for k in ("adv_weight", "codebook_usage", "lr")
+                                                            if k in seen]
     present = [k for k in keys if any(k in r for r in records)]
     if not records or not present:
         return None
@@ -119,10 +131,153 @@ def plot_loss_curves(metrics_path: Path, out_path: Path,
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.set_ylabel("% of codewords used" if key == "codebook_usage" else key.split("/")[-1])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return Path(out_path)
+
+
+def short_name(key: str) -> str:
+    return key.split("/", 1)[1] if key.startswith("loss/") else key
+
+
+class StepLogger:
+    """Everything a person sees of the steps: a console line and a ``metrics.jsonl`` record every
+    ``log_every`` steps (whatever values the step returned, reduced over ranks with one collective and one
+    host sync), wandb when asked, a progress bar on terminals, and the loss curves at the end."""
+
+    def __init__(self, args, run_dir: Path, total_steps: int, start_step: int, flops_per_image: float,
+                 peak_flops: float, device: torch.device, is_main: bool, world: int,
+                 where_to_resume: Callable[[], str] = lambda: ""):
+        self.args, self.run_dir, self.total, self.device = args, Path(run_dir), total_steps, device
+        self.where_to_resume = where_to_resume  # for the message when training goes non-finite
+        self.skipped = 0
+        self.flops_per_image, self.peak_flops, self.is_main, self.world = flops_per_image, peak_flops, is_main, world
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=is_main)
+        if start_step > 0:  # rows logged after the checkpoint we resume from are redone: drop them
+            self.metrics.truncate_after(start_step)
+        self.throughput = Throughput()
+        self.t_start, self.step_start = time.perf_counter(), start_step
+        self.wandb_run = None
+        if args.report_wandb and is_main:
+            import os
+            import wandb
+            if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY") \
+                    and not (Path.home() / ".netrc").exists():
+                os.environ["WANDB_MODE"] = "offline"
+                self.print(f"[wandb] no API key configured: logging offline into {self.run_dir / 'wandb'} "
+                           f"(`wandb sync` uploads it later; set WANDB_API_KEY or run `wandb login` to log online)")
+            self.wandb_run = wandb.init(project=args.wandb_project, name=self.run_dir.name, dir=str(self.run_dir),
+                                        config=args.to_dict(), id=self.run_dir.name.replace("/", "_"), resume="allow")
+        self.progress = None
+        if is_main:
+            import sys
+            from tqdm import tqdm
+            self.progress = tqdm(total=total_steps, initial=start_step, desc=f"stage {args.stage}", unit="step",
+                                 dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+    def print(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def after_step(self, step: int, logs: Dict[str, torch.Tensor], batches, lr: float, epoch: int,
+                   bad_samples: int) -> Optional[Dict[str, float]]:
+        """Count the step's images; on logging steps (and the last) reduce, check, record and print. Returns the
+        reduced values on logging steps (all finite), else None."""
+        from . import dist
+        self.throughput.add(sum(b["image"].shape[0] for b in batches) * self.world)
+        if self.progress is not None:
+            self.progress.update(1)
+        if step % self.args.log_every and step != self.total:
+            return None
+        keys = list(logs)
+        values = dict(zip(keys, dist.all_reduce_mean(torch.stack([logs[k].float() for k in keys])).tolist()))
+        self._check_finite(step, values)
+        rate = self.throughput.rate()
+        elapsed = time.perf_counter() - self.t_start
+        eta = elapsed / max(step - self.step_start, 1) * (self.total - step)
+        record = {"step": step, "epoch": epoch, "lr": lr, "images_per_s": rate,
+                  "tokenizer_tflops": self.flops_per_image * rate / 1e12, "bad_samples": bad_samples, **values}
+        if self.peak_flops:
+            record["mfu"] = self.flops_per_image * rate / self.peak_flops
+        if self.device.type == "cuda":
+            record["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1024 ** 3
+        self.metrics.write(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=step)
+        losses = " ".join(f"{short_name(k)} {v:.4g}" for k, v in values.items()
+                          if k.startswith("loss/") and k != "loss/total")
+        others = (f"usage {values['codebook_usage']:.1f}% " if "codebook_usage" in values else "") + f"lr {lr:.2e}"
+        speed = (f"{rate:.1f} img/s" + (f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
+                 + (f" mem {record['gpu_peak_memory_gb']:.1f}G" if "gpu_peak_memory_gb" in record else ""))
+        line = (f"step {step}/{self.total} ep {epoch} | total {values['loss/total']:.4f} {losses} | {others} | "
+                f"{speed} ETA {format_eta(eta)}")
+        if self.progress is not None and not self.progress.disable:
+            self.progress.set_postfix_str(line.split("| ", 1)[1][:120])
+        self.print(line)
+        return values
+
+    def _check_finite(self, step: int, values: Dict[str, float]) -> None:
+        """Stop on a non-finite step since the last check (every step is counted on the device), or, with
+        ``--on-nonfinite skip``, report the skipped steps and stop after too many in a row."""
+        nonfinite = values.pop("nonfinite_steps", 0.0)
+        consecutive = values.pop("nonfinite_consecutive", 0.0)
+        bad = nonfinite > 0 or not all(math.isfinite(v) for v in values.values())
+        if self.args.on_nonfinite == "skip" and consecutive <= self.args.max_nonfinite_skips:
+            if nonfinite > self.skipped:
+                self.print(f"[train] warning: {nonfinite - self.skipped:.0f} non-finite step(s) skipped before step "
+                           f"{step} ({nonfinite:.0f} in all)")
+                self.skipped = nonfinite
+            return
+        if bad:
+            where = "; " + self.where_to_resume() if self.where_to_resume() else ""
+            raise FloatingPointError(f"non-finite loss or gradient by step {step}: "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                                     + (f" ({consecutive:.0f} non-finite steps in a row)" if consecutive else "")
+                                     + f"{where}. Lower --lr, check the data, or use --on-nonfinite skip.")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def finish(self, step: int) -> Optional[Path]:
+        """Loss curves (main process); returns their path."""
+        if not self.is_main:
+            return None
+        curves = plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png",
+                                  title=f"{self.run_dir.name}: stage {self.args.stage}, {step} steps")
+        self.print(f"[train] done: {step} steps in {format_eta(time.perf_counter() - self.t_start)}; curves → {curves}")
+        return curves
+
+
+class ReconstructionGrids:
+    """input | reconstruction | error grids of a fixed set of images every ``vis_every`` steps and at the
+    end (main process only); the images come from ``TrainingData.grid_images``."""
+
+    def __init__(self, args, run_dir: Path, data, trainer, is_main: bool):
+        self.every, self.run_dir, self.data, self.trainer = args.vis_every, Path(run_dir), data, trainer
+        self.enabled = is_main and self.every > 0
+        self.images: Optional[torch.Tensor] = None
+
+    def maybe_save(self, step: int, total: int) -> Optional[Path]:
+        if not self.enabled or (step % self.every and step != total):
+            return None
+        if self.images is None:
+            images = self.data.grid_images()
+            if images is None:
+                return None
+            self.images = images.to(self.trainer.device)
+        tokenizer = self.trainer.tokenizer
+        tokenizer.eval()
+        with torch.no_grad(), self.trainer.autocast():
+            recon = tokenizer.img_to_reconstructed_img(self.images)
+        tokenizer.train()
+        return save_reconstruction_grid(self.images, recon, self.run_dir / "vis" / f"step{step:08d}.png", f"step {step}")

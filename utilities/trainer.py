@@ -1,12 +1,15 @@
 """The training step of SPEC §2 and everything it needs: tokenizer, alignment head, frozen teacher,
-LPIPS, DINO discriminator, optimisers, EMA. ``train.py`` drives it over the data; the step benchmark
-(``python -m evaluation.benchmark``) drives it over synthetic batches.
+LPIPS, DINO discriminator, optimisers, EMA, and the run's schedule. ``train.py`` drives it over the data;
+the step benchmark (``python -m evaluation.benchmark``) drives it over synthetic batches.
 
 One step (``Trainer.step``), per micro-batch of the gradient accumulation:
   generator: L = 0.2·L1 + L2 + LPIPS (= L_nll) + VQ + w_c·contrast + λ_adv·hinge_G(D(aug(x̂))),
              λ_adv adaptive at the decoder's last layer (VQGAN), warmed up; backward.
   discriminator: hinge(D(aug(x)), D(aug(x̂))) + 4·BCR; backward.
 then clipped AdamW steps, logit-scale clamp, EMA update.
+
+The generator's terms are declared (``Trainer.loss_terms``: name, kind, weight, function); a term of
+weight 0 is not declared and its network is not built. A new term is one more declaration.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import meditok
 from . import dist
 from .args import Args
+from meditok.seeding import rank_seed
+
 from .checkpointing import list_checkpoints, load_checkpoint
 from .diffaug import diff_augment
-from .losses import (adaptive_adversarial_weight, bcr_loss, clip_contrastive_loss, hinge_d_loss, hinge_g_loss,
-                     linear_warmup)
-from .schedule import cosine_lr
+from .losses import (GeneratorObjective, LossKind, LossTerm, adaptive_adversarial_weight, bcr_loss,
+                     clip_contrastive_loss, hinge_d_loss, hinge_g_loss)
+from .schedule import Schedule
 
 
 class AlignmentHead(nn.Module):
@@ -118,7 +123,7 @@ class Trainer:
         self.img_size = args.img_size or tokenizer.config.img_size
 
         self.teacher = self.text_tokenizer = None
-        if args.use_contrast and args.contrast > 0:
+        if args.contrast > 0:
             import local_openclip
             if args.stage == 1:
                 self.teacher = local_openclip.load_vision_teacher(args.biomedclip or None, device=device)
@@ -129,17 +134,18 @@ class Trainer:
                      if self.teacher is not None else None)
         self.model = TrainingModel(tokenizer, self.head)
         self.lpips = None
-        if args.use_lpips and args.lpips_weight > 0:
+        if args.lpips_weight > 0:
             from .perceptual import build_lpips
             self.lpips = build_lpips(args.lpips_vgg or None, device=device)
         self.disc = None
-        if args.use_disc:
+        if args.adv_weight > 0:
             from .discriminator import build_discriminator
             self.disc = build_discriminator(args.dino or None, device=device)
             if disc_state is not None:
                 self.disc.heads.load_state_dict(disc_state)
+        self.loss_terms = self._declare_loss_terms()
 
-        fused = device.type == "cuda"
+        self.fused = fused = device.type == "cuda"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]  # norms, biases, logit scale: no weight decay
@@ -158,6 +164,16 @@ class Trainer:
         self._speed_up()
         self.ddp_model: nn.Module = self.model
         self.ddp_disc: Optional[nn.Module] = self.disc
+        self.schedule: Optional[Schedule] = None  # set by the driver once the data's length is known
+        self.lr = args.lr
+        # non-finite steps, counted on the device (no host sync per step; read with the logged values)
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.nonfinite_consecutive = torch.zeros((), dtype=torch.long, device=device)
+        # Every network above was initialised from the same seed on every rank. From here on each rank
+        # draws from its own stream (DiffAugment, the discriminator's crops): rank 0 continues the stream
+        # that built the networks (so a one-process run is unchanged), the others switch to their own seed.
+        if self.world > 1 and dist.rank() > 0:
+            torch.manual_seed(rank_seed(args.seed, dist.rank()))
 
         # MFU of the tokenizer's step (forward + backward ≈ 3 × forward, FLOPs counted by
         # torch.utils.flop_counter); the loss networks' FLOPs are not counted, so it is a lower bound.
@@ -185,13 +201,30 @@ class Trainer:
         if self.world == 1:
             return
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=self.head is None)
+        # gradient_as_bucket_view: gradients live in DDP's buckets (no copy, and no stride-mismatch warning)
+        self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=self.head is None,
+                             gradient_as_bucket_view=True)
         if self.disc is not None:  # DDP syncs the heads only: the frozen DINO has no gradients to reduce
-            self.ddp_disc = DDP(self.disc, device_ids=ids)
+            self.ddp_disc = DDP(self.disc, device_ids=ids, gradient_as_bucket_view=True)
+
+    def _declare_loss_terms(self) -> List[LossTerm]:
+        """The generator's objective, term by term (weights from the arguments; 0 = not declared)."""
+        args = self.args
+        terms = [LossTerm("rec_l1", LossKind.IMAGE, args.l1_weight, F.l1_loss),
+                 LossTerm("rec_l2", LossKind.IMAGE, args.l2_weight, F.mse_loss),
+                 LossTerm("vq", LossKind.LATENT, args.vq_weight, lambda out: out["vq_loss"])]
+        if self.lpips is not None:
+            terms.append(LossTerm("lpips", LossKind.IMAGE, args.lpips_weight, self._lpips))
+        if self.teacher is not None:
+            terms.append(LossTerm("contrast", LossKind.LATENT, args.contrast, lambda out: clip_contrastive_loss(
+                out["image_features"].float(), out["target_features"].float(), out["logit_scale"])))
+        if self.disc is not None:
+            terms.append(LossTerm("g_adv", LossKind.ADVERSARIAL, args.adv_weight, self._generator_adversarial))
+        return [t for t in terms if t.weight > 0]
 
     def losses_summary(self) -> str:
-        return (f"L1/L2{'/LPIPS' if self.lpips else ''}/VQ{'/adv+BCR' if self.disc else ''}"
-                f"{'/contrast×%g' % self.args.contrast if self.teacher is not None else ''}")
+        return ", ".join(f"{t.name}×{t.weight:g}" + (" (adaptive)" if t.kind is LossKind.ADVERSARIAL else "")
+                         for t in self.loss_terms) + (" + discriminator hinge/BCR" if self.disc is not None else "")
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything of the networks and optimisers a checkpoint needs (the frozen networks excluded)."""
@@ -218,24 +251,22 @@ class Trainer:
         self.tokenizer.quantizer.usage_updates = ckpt.get("usage_updates", ckpt.get("step", 0))
 
     # --------------------------------------------------------------------------------------------
-    def step(self, batches: List[Dict[str, Any]], step: int, total_steps: int, warmup_steps: int,
-             disc_start: int, disc_warmup: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, float]:
-        """One optimiser step over ``len(batches)`` micro-batches (gradient accumulation).
+    def step(self, batches: List[Dict[str, Any]], step: int) -> Dict[str, torch.Tensor]:
+        """One optimiser step (0-based ``step`` of ``self.schedule``) over ``len(batches)`` micro-batches
+        (gradient accumulation).
 
         Each batch holds ``image`` [b, 3, H, W] in [-1, 1] and, in stage 2, ``text`` token ids [b, L].
-        Returns (logged values as 0-d tensors — no host sync here, gradient norm, learning rate)."""
-        args = self.args
-        lr = cosine_lr(step, total_steps, args.lr, args.lr_end, warmup_steps)
+        Returns the logged values as 0-d tensors (no host sync here), ``grad_norm`` included; the learning
+        rate of the step is ``self.lr``."""
+        schedule = self.schedule
+        self.lr = schedule.tokenizer_lr(step)
         for g in self.opt.param_groups:
-            g["lr"] = lr
-        disc_step = step - disc_start
-        disc_on = self.disc is not None and disc_step >= 0
-        disc_warm = linear_warmup(disc_step, disc_warmup) if disc_on else 0.0
-        disc_active = disc_on and disc_warm > 0
+            g["lr"] = self.lr
+        disc_warm = schedule.disc_warmth(step) if self.disc is not None else 0.0
+        disc_active = disc_warm > 0
         if self.disc_opt is not None:
             for g in self.disc_opt.param_groups:
-                g["lr"] = cosine_lr(max(disc_step, 0), max(total_steps - disc_start, 1), args.disc_lr,
-                                    args.disc_lr_end, 0)
+                g["lr"] = schedule.disc_lr_at(step)
         logs: Dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
             with contextlib.ExitStack() as no_sync:
@@ -245,17 +276,50 @@ class Trainer:
                             no_sync.enter_context(wrapped.no_sync())
                 logs.update(self.backward(batch, 1.0 / len(batches), disc_active, disc_warm))
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if disc_active:
-            self.disc_opt.step()
-            self.disc_opt.zero_grad(set_to_none=True)
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+        if not self._update(logs, disc_active):
+            return logs
         with torch.no_grad():
             self.tokenizer.logit_scale.clamp_(0, math.log(100))
         if self.ema is not None:
             self.ema.update_parameters(self.tokenizer)
-        return logs, grad_norm, lr
+        return logs
+
+    def _update(self, logs: Dict[str, torch.Tensor], disc_active: bool) -> bool:
+        """The optimiser steps, unless the step was non-finite and ``--on-nonfinite skip`` (then False).
+
+        Every step's finiteness (loss and gradient norm) is counted on the device; the step logger reads the
+        counters with the values it reduces anyway, so the check adds no host sync. Skipping needs the flag
+        before the update: fused optimisers (CUDA) take it as ``found_inf`` and skip on the device; on the
+        CPU the flag is read directly (a CPU tensor: no device to wait for)."""
+        finite = torch.isfinite(logs["loss/total"]) & torch.isfinite(logs["grad_norm"])
+        self.nonfinite_steps += (~finite).long()
+        self.nonfinite_consecutive = (self.nonfinite_consecutive + 1) * (~finite).long()
+        logs["nonfinite_steps"], logs["nonfinite_consecutive"] = self.nonfinite_steps, self.nonfinite_consecutive
+        optimisers = [self.opt] + ([self.disc_opt] if disc_active else [])
+        if self.args.on_nonfinite == "skip":
+            if not self.fused and not bool(finite):
+                for opt in optimisers:
+                    opt.zero_grad(set_to_none=True)
+                return False
+            if self.fused:
+                for opt in optimisers:
+                    opt.found_inf = (~finite).float()
+        for opt in optimisers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return True
+
+    def nonfinite_tensors(self) -> List[str]:
+        """Names of trainable tensors (tokenizer, alignment head, discriminator heads) holding NaN/Inf; one
+        host sync."""
+        named = [(f"tokenizer.{k}", v) for k, v in self.tokenizer.state_dict().items() if v.is_floating_point()]
+        if self.head is not None:
+            named += [(f"head.{k}", v) for k, v in self.head.state_dict().items()]
+        if self.disc is not None:
+            named += [(f"disc.{k}", v) for k, v in self.disc.heads.state_dict().items() if v.is_floating_point()]
+        flags = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()
+        return [name for (name, _), ok in zip(named, flags) if not ok]
 
     # --------------------------------------------------------------------------------------------
     def backward(self, batch: Dict[str, Any], scale: float, disc_active: bool, disc_warm: float
@@ -263,70 +327,77 @@ class Trainer:
         """Forward + backward of one micro-batch for the tokenizer (+ head) and, when ``disc_active``, the
         discriminator heads; gradients are accumulated (× ``scale``). Returns the logged values (0-d tensors).
 
-        The image-space losses (L1, L2, LPIPS, adversarial) are evaluated on a detached copy of the
-        reconstruction x̂: their gradient w.r.t. x̂ is taken once per loss network, the adaptive weight is
-        read from those gradients pushed through the decoder's last conv only, and a single backward pass
-        then carries ∂L/∂x̂ = ∂L_nll/∂x̂ + λ_adv·∂L_adv/∂x̂ (and the VQ and contrastive losses) through the
-        tokenizer. This is the gradient of L = L_nll + VQ + w_c·contrast + λ_adv·L_adv exactly (λ_adv is a
-        constant of the step, as in VQGAN), with LPIPS and DINO differentiated once instead of twice.
+        The declared image-space terms are evaluated on a detached copy of the reconstruction x̂: their
+        gradient w.r.t. x̂ is taken once, the adaptive weight is read from the image-space gradients pushed
+        through the decoder's last conv only, and one backward pass then carries
+        ∂L/∂x̂ = ∂L_nll/∂x̂ + λ_adv·∂L_adv/∂x̂ and the latent terms through the tokenizer
+        (``GeneratorObjective``). This is the gradient of L = L_nll + latent terms + λ_adv·L_adv exactly
+        (λ_adv is a constant of the step, as in VQGAN), with LPIPS and DINO differentiated once.
         """
-        args, device, autocast = self.args, self.device, self.autocast
-        zero = torch.zeros((), device=device)
+        device, autocast = self.device, self.autocast
         images = batch["image"].to(device, non_blocking=True)
         teacher_features = None
         if self.teacher is not None:
             with torch.no_grad(), autocast():
-                inputs = images if args.stage == 1 else batch["text"].to(device, non_blocking=True)
+                inputs = images if self.args.stage == 1 else batch["text"].to(device, non_blocking=True)
                 teacher_features = self.teacher(inputs).float()
         with autocast():
             out = self.ddp_model(images, teacher_features)
         rec = out["reconstruction"].float()
+        rec_in = rec.detach().requires_grad_(True)  # image-space terms are taken on this leaf copy of x̂
 
-        # image-space losses on a leaf copy of x̂
-        rec_in = rec.detach().requires_grad_(True)
-        l1 = F.l1_loss(rec_in, images)
-        l2 = F.mse_loss(rec_in, images)
-        nll = args.l1_weight * l1 + args.l2_weight * l2
-        lp = zero
-        if self.lpips is not None:
-            with autocast():
-                lp = self.lpips(rec_in, images).float().mean()
-            nll = nll + args.lpips_weight * lp
-        grad_rec = torch.autograd.grad(nll, rec_in)[0]
-        g_adv = adv_w = zero
+        values: Dict[str, torch.Tensor] = {}
+        nll = latent = torch.zeros((), device=device)
+        for term in self.loss_terms:
+            if term.kind is LossKind.IMAGE:
+                values[term.name] = term.fn(rec_in, images).float()
+                nll = nll + term.weight * values[term.name]
+            elif term.kind is LossKind.LATENT:
+                values[term.name] = term.fn(out).float()
+                latent = latent + term.weight * values[term.name]
+        objective = GeneratorObjective(torch.autograd.grad(nll, rec_in)[0], latent)
+        total = nll.detach() + latent.detach()
+        logs: Dict[str, torch.Tensor] = {}
+        adversarial = [t for t in self.loss_terms if t.kind is LossKind.ADVERSARIAL]
         if disc_active:
-            # generator side: gradients reach the image, not the heads (released: D in eval mode here)
-            self.disc.heads.requires_grad_(False)
-            self.disc.eval()
-            with autocast():
-                g_adv = hinge_g_loss(self.disc(diff_augment(rec_in, cutout=args.diffaug_cutout)).float())
-            self.disc.train()
-            self.disc.heads.requires_grad_(True)
-            grad_adv = torch.autograd.grad(g_adv, rec_in)[0]
-            # VQGAN's adaptive weight compares ∇L_nll and ∇L_adv at the last layer's weight: both come from
-            # the image-space gradients through the last conv alone
-            last_layer = self.tokenizer.decoder.last_layer
-            nll_w, adv_w_grad = (torch.autograd.grad(rec, last_layer, grad_outputs=g, retain_graph=True)[0]
-                                 for g in (grad_rec, grad_adv))
-            adv_w = adaptive_adversarial_weight(nll_w, adv_w_grad, args.adv_weight, disc_warm, tuple(args.adv_clamp))
-            grad_rec = grad_rec + adv_w * grad_adv
+            for term in adversarial:
+                g_adv = term.fn(rec_in)
+                grad_adv = torch.autograd.grad(g_adv, rec_in)[0]
+                # VQGAN's adaptive weight compares ∇L_nll and ∇L_adv at the last layer's weight: both come
+                # from the image-space gradients through the last conv alone
+                last_layer = self.tokenizer.decoder.last_layer
+                nll_w, adv_w_grad = (torch.autograd.grad(rec, last_layer, grad_outputs=g, retain_graph=True)[0]
+                                     for g in (objective.rec_grad, grad_adv))
+                adv_w = adaptive_adversarial_weight(nll_w, adv_w_grad, term.weight, disc_warm,
+                                                    tuple(self.args.adv_clamp))
+                objective.rec_grad = objective.rec_grad + adv_w * grad_adv
+                values[term.name], logs["adv_weight"] = g_adv.detach(), adv_w
+                total = total + adv_w * g_adv.detach()
+        objective.backward(rec, scale)
 
-        other = args.vq_weight * out["vq_loss"]
-        contrast = zero
-        if self.teacher is not None:
-            contrast = clip_contrastive_loss(out["image_features"].float(), out["target_features"].float(),
-                                             out["logit_scale"])
-            other = other + args.contrast * contrast
-        torch.autograd.backward([rec, other * scale], [grad_rec * scale, None])
-        loss = nll.detach() + other.detach() + adv_w * g_adv.detach()
-
-        logs = {"loss/rec_l1": l1.detach(), "loss/rec_l2": l2.detach(), "loss/lpips": lp.detach(),
-                "loss/vq": out["vq_loss"].detach(), "loss/contrast": contrast.detach(),
-                "loss/g_adv": g_adv.detach(), "adv_weight": adv_w.detach(),
-                "codebook_usage": out["codebook_usage"].detach(), "loss/total": loss}
+        logs.update({f"loss/{name}": v.detach() for name, v in values.items()})
+        for term in adversarial:  # logged as 0 until the discriminator starts
+            logs.setdefault(f"loss/{term.name}", torch.zeros((), device=device))
+            logs.setdefault("adv_weight", torch.zeros((), device=device))
+        logs["codebook_usage"] = out["codebook_usage"].detach()
+        logs["loss/total"] = total
         if disc_active:
             logs.update(self._discriminator_backward(images, rec.detach(), scale))
         return logs
+
+    def _lpips(self, rec: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.lpips(rec, images).float().mean()
+
+    def _generator_adversarial(self, rec: torch.Tensor) -> torch.Tensor:
+        """hinge_G(D(aug(x̂))): gradients reach the image, not the heads (the released code: D in eval mode)."""
+        self.disc.heads.requires_grad_(False)
+        self.disc.eval()
+        with self.autocast():
+            g_adv = hinge_g_loss(self.disc(diff_augment(rec, cutout=self.args.diffaug_cutout)).float())
+        self.disc.train()
+        self.disc.heads.requires_grad_(True)
+        return g_adv
 
     def _discriminator_backward(self, images: torch.Tensor, fake: torch.Tensor, scale: float
                                 ) -> Dict[str, torch.Tensor]:

@@ -21,10 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from meditok.data import write_shards  # noqa: E402
-from meditok.data.samples import BAD_SAMPLES_FILE  # noqa: E402
+from meditok.data import write_shards
+from meditok.data.samples import BAD_SAMPLES_FILE
 
 
 def main(argv: list[str] | None = None) -> int:

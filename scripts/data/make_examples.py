@@ -29,9 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 # Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from meditok.data import (  # noqa: E402
+from meditok.data import (
     ImageQualityThresholds,
     image_rejection_reasons,
     iter_volume_slices,
@@ -40,7 +39,7 @@ from meditok.data import (  # noqa: E402
     read_volume,
     rgb_proxy,
 )
-from meditok.data.slicing import CT_HU_CLIP, ct_png_values, save_png, signed_to_uint8  # noqa: E402
+from meditok.data.slicing import CT_HU_CLIP, ct_png_values, save_png, signed_to_uint8
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CSV_COLUMNS = ("identifier", "caption", "modality", "source")

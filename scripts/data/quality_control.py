@@ -28,16 +28,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from meditok.data import (  # noqa: E402
+from meditok.data import (
     ImageQualityThresholds,
     MedicalImageError,
     image_rejection_reasons,
     read_image,
     rgb_proxy,
 )
-from meditok.data.samples import read_metadata_csv, resolve_identifier  # noqa: E402
+from meditok.data.samples import read_metadata_csv, resolve_identifier
 
 
 def check_one(item, root, thresholds: ImageQualityThresholds) -> str:

@@ -29,9 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from meditok.data import (  # noqa: E402
+from meditok.data import (
     CTSliceThresholds,
     MedicalImageError,
     MRISliceThresholds,
@@ -39,9 +37,9 @@ from meditok.data import (  # noqa: E402
     normalise_modality,
     read_volume,
 )
-from meditok.data.reading import AXIS_NAMES  # noqa: E402
-from meditok.data.samples import read_metadata_csv, resolve_identifier  # noqa: E402
-from meditok.data.slicing import SLICE_STEP, VOLUME_MODALITIES, save_slice_png  # noqa: E402
+from meditok.data.reading import AXIS_NAMES
+from meditok.data.samples import read_metadata_csv, resolve_identifier
+from meditok.data.slicing import SLICE_STEP, VOLUME_MODALITIES, save_slice_png
 
 OUTPUT_COLUMNS = ("identifier", "caption", "modality", "source", "axis", "slice_index")
 
