@@ -122,9 +122,8 @@ class MedITok(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True, parts: str = "all") -> None:
         """Recompute activations in the backward pass to save memory: ``parts="vit"`` the ViT blocks of encoder
         and decoder, ``"decoder_conv"`` the decoder's upsampling stages, ``"all"`` both. Gradients are unchanged.
-        For ``large`` at 256 px they free 48 % / 33 % / 81 % of the activations kept per image
-        (``python -m meditok.info large --activations``); recomputing the ViTs costs more FLOPs, the decoder's
-        conv stages fewer."""
+        Recomputing the ViTs costs more FLOPs, the decoder's conv stages fewer; how much memory each setting
+        frees is printed by ``python -m meditok.info large --activations`` (figures in docs/performance.md)."""
         if parts not in self.CHECKPOINT_PARTS:
             raise ValueError(f"grad-checkpointing parts {parts!r}: use one of {self.CHECKPOINT_PARTS}")
         vit = enable and parts in ("all", "vit")

@@ -98,7 +98,7 @@ class MultiCodebookQuantizer(nn.Module):
         # Cosine similarity of unit vectors: one batched matmul over codebooks, [K, N, V]. Always float32,
         # whatever autocast region the caller is in: with 4,096 codewords on the 8-d sphere the best and
         # second-best similarities are often closer than bf16's resolution (≈ 4e-3), and bf16 scores would
-        # pick a different id for several % of the tokens.
+        # pick a different id for several % of the tokens (docs/performance.md, "bf16 numerics").
         with autocast_off(z_chunks):
             sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))  # both float32 already
         return sim.argmax(dim=-1)  # [K, N]
