@@ -323,7 +323,7 @@ def classification_metrics(task: str, labels: np.ndarray, log_odds: np.ndarray) 
     binary = task == "multi-class" and scores.shape[1] == 2
     return {
         "auc": 100.0 * _nanmean(aucs),
-        "map": 100.0 * (aps[1] if binary else _nanmean(aps)),
+        "map": 100.0 * (float(aps[1]) if binary else _nanmean(aps)),
         "map_two_class": 100.0 * _nanmean(aps) if binary else float("nan"),
         "acc": 100.0 * accuracy,
         "classes_scored": int(np.isfinite(aucs).sum()),
