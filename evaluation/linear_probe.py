@@ -1,6 +1,6 @@
 """Linear probe on a frozen tokenizer — the paper's Table 2 (MedMNIST v2, mAP and AUC) from one command.
 
-Protocol (SPEC §4): images resized to --img-size (256; MedMNIST's 224-px files in the paper), encoded by
+Protocol (docs/method.md §4): images resized to --img-size (256; MedMNIST's 224-px files in the paper), encoded by
 the frozen tokenizer; one linear layer trained with Adam (lr 1e-4, batch 128) on the train split; test
 metrics after every epoch; the best (peak) test mAP and the best test AUC over the epochs are reported,
 as in the paper. The test metrics at the epoch of best validation AUC are reported beside them when a
@@ -8,14 +8,16 @@ validation split exists (a protocol that does not look at the test set).
 
 Feature variants (--features):
   grid    the quantised token grid flattened: [L x 64] per image (L = (img_size/16)^2; 16,384-d at 256 px),
-          each 8-d chunk the unit-norm codeword of one of the 8 codebooks (SPEC §4's probe input)
+          each 8-d chunk the unit-norm codeword of one of the 8 codebooks (the paper's probe input)
   pooled  the post-quantisation tokens averaged over the grid ([vit_width], 1,024-d for large): the vector
           MedITok's alignment head reads
 
-Metrics (in %): AUC = one-vs-rest ROC AUC averaged over classes (multi-class; binary tasks are 2-class,
-where this equals the plain AUC) or over labels (multi-label, e.g. ChestMNIST); mAP = average precision
-averaged the same way (for a 2-class task: over both classes); ACC = argmax accuracy (multi-label:
-element-wise at 0.5). Token ids and pooled features are cached under --cache-dir, keyed by the
+Metrics (in %), from float64 log-odds of the probe's logits (no saturated probabilities): AUC = one-vs-rest
+ROC AUC averaged over classes (multi-class; binary tasks are 2-class, where this equals the plain AUC) or
+over labels (multi-label, e.g. ChestMNIST); mAP = average precision averaged the same way, except binary
+tasks: AP of the positive class (label 1), with the mean over both classes in a second column
+("mAP 2-class"); ACC = argmax accuracy (multi-label: element-wise at 0.5). The average row covers the
+paper's five Table 2 datasets only; other datasets are averaged separately. Token ids and pooled features are cached under --cache-dir, keyed by the
 tokenizer's weights, the data file and the image size.
 
 Examples:
@@ -52,7 +54,7 @@ from tqdm import tqdm
 
 from meditok.data import CSVImageDataset, MedicalImageError, eval_transform
 
-from .metrics import classification_metrics
+from .metrics import class_log_odds, classification_metrics
 from .paper import PAPER, TABLE2_DATASETS, TABLE2_MEDITOK_AVERAGE
 from .report import environment, markdown_table, relative, write_outputs
 from .tokenizer import (add_tokenizer_arguments, encode_for_evaluation, grid_features_from_ids, labelled_warnings,
@@ -72,7 +74,12 @@ PROTOCOL = {
                 "with its epoch; also the test metrics at the epoch of best validation AUC when a val split exists",
     "auc": "ROC AUC, one-vs-rest macro mean over classes (multi-class) or mean over labels (multi-label); classes "
            "with one value only in the test set are left out",
-    "map": "average precision (sum over recall steps of precision, ties grouped), averaged like AUC",
+    "map": "average precision (sum over recall steps of precision, ties grouped), averaged like AUC; for a binary "
+           "(2-class) task the AP of the positive class (label 1); 'map_two_class' is the mean AP over both classes",
+    "scores": "float64 per-class log-odds of the probe's logits (one-vs-rest for softmax tasks), not float32 "
+              "probabilities, which tie at 1.0 for confident predictions",
+    "average": "mean over the paper's Table 2 datasets present (" + ", ".join(TABLE2_DATASETS) + "); other datasets "
+               "are averaged separately and never mixed into it",
     "acc": "argmax accuracy (multi-class); element-wise accuracy at probability 0.5 (multi-label)",
 }
 
@@ -388,6 +395,7 @@ class ProbeResult:
     history: List[Dict[str, Any]]
     best_map: Dict[str, Any]
     best_auc: Dict[str, Any]
+    best_map_two_class: Dict[str, Any]  # binary tasks: peak of the two-class mean AP (NaN values otherwise)
     val_selected: Optional[Dict[str, Any]]
     final: Dict[str, Any]
     feature_dim: int
@@ -396,13 +404,18 @@ class ProbeResult:
 
 @torch.no_grad()
 def predict(layer: torch.nn.Linear, features: FeatureTable, task: str, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities [N, C]: softmax (multi-class) or sigmoid (multi-label)."""
+    """Per-class log-odds [N, C], float64 (:func:`evaluation.metrics.class_log_odds` of the layer's logits).
+
+    The logits are computed in float64 too: float32 softmax probabilities tie at exactly 1.0 for confident
+    predictions, which lowered the AUC of a perfectly ranked test set (100 % scored as 75 %).
+    """
     device = layer.weight.device
-    outputs = []
+    weight, bias = layer.weight.double(), layer.bias.double()
+    logits = []
     for start in range(0, len(features), batch_size):
-        logits = layer(features.rows(torch.arange(start, min(start + batch_size, len(features)), device=device)))
-        outputs.append((logits.softmax(dim=1) if task == MULTI_CLASS else logits.sigmoid()).cpu())
-    return torch.cat(outputs).double().numpy()
+        rows = features.rows(torch.arange(start, min(start + batch_size, len(features)), device=device))
+        logits.append(torch.nn.functional.linear(rows.double(), weight, bias).cpu())
+    return class_log_odds(torch.cat(logits), task)
 
 
 def train_linear_probe(train: FeatureTable, train_labels: np.ndarray, test: FeatureTable, test_labels: np.ndarray, *,
@@ -470,6 +483,7 @@ def train_linear_probe(train: FeatureTable, train_labels: np.ndarray, test: Feat
         history=history,
         best_map=metrics_at(best("test_map")),
         best_auc=metrics_at(best("test_auc")),
+        best_map_two_class=metrics_at(best("test_map_two_class")),
         val_selected=metrics_at(best("val_auc")) if val is not None else None,
         final=metrics_at(history[-1]),
         feature_dim=train.dim,
@@ -481,7 +495,41 @@ def train_linear_probe(train: FeatureTable, train_labels: np.ndarray, test: Feat
 # Outputs
 
 
-def to_markdown(rows: List[Dict[str, Any]], averages: Dict[str, Dict[str, float]], info: Dict[str, Any]) -> str:
+def table2_dataset(name: str) -> Optional[str]:
+    """The Table 2 dataset a probe task is ('breastmnist_224' → 'breastmnist'), or None."""
+    stem = name.lower().split("_")[0]
+    return stem if stem in TABLE2_DATASETS else None
+
+
+def probe_averages(rows: List[Dict[str, Any]], variants: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(average over the paper's Table 2 datasets, average over the other datasets), per feature variant.
+
+    The paper's average covers its five Table 2 datasets; a run with more (e.g. ChestMNIST, a CSV task) reports
+    those separately instead of mixing them into the number printed beside the paper's. Each entry:
+    ``datasets`` (count), ``names``, ``map``, ``auc`` (means of the rows' peaks, None when no dataset) and
+    ``map_two_class`` (the same mean with binary tasks' two-class mean AP in place of the positive-class AP).
+    """
+    def mean_of(chosen, key):
+        return float(np.mean([r[key] for r in chosen])) if chosen else None
+
+    def summary(chosen):
+        two_class = [dict(r, best_map=r["best_map_two_class"]) if r.get("num_classes") == 2 and r["task"] == MULTI_CLASS
+                     else r for r in chosen]
+        return {"datasets": len(chosen), "names": [r["dataset"] for r in chosen], "map": mean_of(chosen, "best_map"),
+                "auc": mean_of(chosen, "best_auc"), "map_two_class": mean_of(two_class, "best_map")}
+
+    table2, other = {}, {}
+    for variant in variants:
+        chosen = [r for r in rows if r["features"] == variant]
+        table2[variant] = summary([r for r in chosen if table2_dataset(r["dataset"])])
+        extras = [r for r in chosen if not table2_dataset(r["dataset"])]
+        if extras:
+            other[variant] = summary(extras)
+    return table2, other
+
+
+def to_markdown(rows: List[Dict[str, Any]], averages: Dict[str, Dict[str, Any]], info: Dict[str, Any],
+                other_averages: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
     lines = [f"# Linear probe — {info['tokenizer']['source']}", ""]
     for warning in info["warnings"]:
         lines += [f"> **WARNING: {warning}.**", ""]
@@ -489,17 +537,27 @@ def to_markdown(rows: List[Dict[str, Any]], averages: Dict[str, Dict[str, float]
     lines += [f"Frozen tokenizer at {protocol['img_size']} px; one linear layer, Adam lr {protocol['lr']}, batch "
               f"{protocol['batch_size']}, {protocol['epochs']} epochs; peak test mAP / AUC over epochs (%). "
               f"Paper: {PAPER}, Table 2 (average over {', '.join(TABLE2_DATASETS)}).", ""]
-    table = [[r["dataset"], r["features"], r["feature_dim"], r["task"], r["n_train"], r["n_test"], r["best_map"],
-              r["best_map_epoch"], r["best_auc"], r["best_auc_epoch"], r["acc_at_best_auc"],
+    table = [[r["dataset"], r["features"], r["feature_dim"], _task_label(r), r["n_train"], r["n_test"], r["best_map"],
+              r["best_map_epoch"], r.get("best_map_two_class"), r["best_auc"], r["best_auc_epoch"], r["acc_at_best_auc"],
               r.get("val_selected_auc"), r.get("val_selected_map")] for r in rows]
     for variant, average in averages.items():
-        table.append([f"**average ({average['datasets']} datasets)**", variant, "", "", "", "", average["map"], "",
-                      average["auc"], "", "", None, None])
-    table.append(["paper MedITok (Table 2 average)", "grid", "", "", "", "", TABLE2_MEDITOK_AVERAGE["map"], "",
+        table.append([f"**average ({average['datasets']} of Table 2's {len(TABLE2_DATASETS)} datasets)**", variant, "",
+                      "", "", "", average["map"], "", average["map_two_class"], average["auc"], "", "", None, None])
+    table.append(["paper MedITok (Table 2 average)", "grid", "", "", "", "", TABLE2_MEDITOK_AVERAGE["map"], "", None,
                   TABLE2_MEDITOK_AVERAGE["auc"], "", "", None, None])
-    lines += [markdown_table(["dataset", "features", "dim", "task", "train", "test", "best mAP", "epoch", "best AUC",
-                              "epoch", "ACC at best AUC", "AUC at best val", "mAP at best val"], table), ""]
-    missing = [d for d in TABLE2_DATASETS if d not in {r["dataset"].split("_")[0] for r in rows}]
+    for variant, average in (other_averages or {}).items():
+        table.append([f"average of the other {average['datasets']} dataset(s), not in the paper's average", variant,
+                      "", "", "", "", average["map"], "", average["map_two_class"], average["auc"], "", "", None, None])
+    lines += [markdown_table(["dataset", "features", "dim", "task", "train", "test", "best mAP", "epoch",
+                              "best mAP 2-class", "best AUC", "epoch", "ACC at best AUC", "AUC at best val",
+                              "mAP at best val"], table), ""]
+    lines += ["Binary tasks: mAP is the AP of the positive class (label 1); 'mAP 2-class' is the mean AP over both "
+              "classes (in the average rows: the same average with that value for binary tasks).", ""]
+    if other_averages:
+        names = sorted({n for a in other_averages.values() for n in a["names"]})
+        lines += [f"The average rows over Table 2's datasets leave out {', '.join(names)} (not in the paper's Table 2); "
+                  f"they are averaged separately.", ""]
+    missing = [d for d in TABLE2_DATASETS if d not in {table2_dataset(r["dataset"]) for r in rows}]
     if missing:
         lines += [f"The paper's average covers {', '.join(TABLE2_DATASETS)}; missing here: {', '.join(missing)}, so "
                   f"the averages are not directly comparable.", ""]
@@ -509,6 +567,10 @@ def to_markdown(rows: List[Dict[str, Any]], averages: Dict[str, Dict[str, float]
     lines += ["- **features**: grid = quantised token grid flattened (L×64); pooled = post-quantisation tokens "
               "averaged over the grid (vit_width)", ""]
     return "\n".join(lines)
+
+
+def _task_label(row: Dict[str, Any]) -> str:
+    return "binary" if row["task"] == MULTI_CLASS and row.get("num_classes") == 2 else row["task"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -616,7 +678,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             row = {"dataset": dataset.name, "features": variant, "feature_dim": result.feature_dim, "task": dataset.task,
                    "num_classes": dataset.num_classes, "n_train": len(dataset.labels["train"]),
                    "n_test": len(dataset.labels["test"]), "best_map": result.best_map["map"],
-                   "best_map_epoch": result.best_map["epoch"], "best_auc": result.best_auc["auc"],
+                   "best_map_epoch": result.best_map["epoch"],
+                   "best_map_two_class": result.best_map_two_class["map_two_class"],
+                   "best_auc": result.best_auc["auc"],
                    "best_auc_epoch": result.best_auc["epoch"], "acc_at_best_auc": result.best_auc["acc"],
                    "final_map": result.final["map"], "final_auc": result.final["auc"], "seconds": result.seconds}
             if result.val_selected:  # test metrics at the epoch of best validation AUC
@@ -628,11 +692,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          "val_selected": result.val_selected, "final": result.final,
                                          "feature_dim": result.feature_dim, "seconds": result.seconds}
         per_dataset.append(entry)
-    averages = {}
-    for variant in args.features:
-        chosen = [r for r in rows if r["features"] == variant]
-        averages[variant] = {"datasets": len(chosen), "map": float(np.mean([r["best_map"] for r in chosen])),
-                             "auc": float(np.mean([r["best_auc"] for r in chosen]))}
+    averages, other_averages = probe_averages(rows, args.features)
     info = {
         "task": "linear probe (paper Table 2)",
         "warnings": labelled_warnings(tokenizer_info),
@@ -645,8 +705,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "environment": environment(device),
         "command": ["python", "-m", "evaluation.linear_probe"] + (sys.argv[1:] if argv is None else list(argv)),
     }
-    payload = {**info, "results": rows, "average": averages, "datasets": per_dataset}
-    markdown = to_markdown(rows, averages, info)
+    payload = {**info, "results": rows, "average": averages, "average_other_datasets": other_averages,
+               "datasets": per_dataset}
+    markdown = to_markdown(rows, averages, info, other_averages)
     paths = write_outputs(args.out, "linear_probe", payload, markdown, {"": rows, "history": history_rows})
     print(markdown)
     print("wrote " + ", ".join(relative(p) for p in paths))

@@ -14,7 +14,9 @@ Reconstruction (docs/evaluation.md gives the full conventions):
 
 Classification (linear probes): ROC AUC (Mann–Whitney, ties count half) and average precision (the
 step-wise sum over recall increments, ties grouped), one-vs-rest macro means for multi-class tasks and
-per-label means for multi-label tasks.
+per-label means for multi-label tasks; for binary (2-class) tasks the AP is the positive class's, with the
+two-class mean beside it. Scores are float64 log-odds (:func:`class_log_odds`), never saturated
+probabilities, so confident predictions keep their ranks.
 """
 from __future__ import annotations
 
@@ -251,22 +253,58 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 TASKS = ("multi-class", "multi-label")
 
 
-def classification_metrics(task: str, labels: np.ndarray, scores: np.ndarray) -> Dict[str, float]:
-    """AUC, mAP and accuracy of class scores, in % (NaN where undefined).
+def class_log_odds(logits, task: str) -> np.ndarray:
+    """Per-class scores in log-space, float64: the log-odds ``log(p_c / (1 - p_c))`` of each class.
+
+    Probabilities saturate: in float32 a softmax gives exactly 1.0 to every prediction with a logit margin
+    above ~17 (float64: ~37), and ranking metrics then see ties where the model ranked the samples. The
+    log-odds are a strictly increasing function of p_c, so they rank samples as the exact probabilities do,
+    and they stay finite and distinct far beyond those margins.
+
+    Args:
+        logits: [N, C] (tensor or array). task: 'multi-class' (softmax over C classes) or 'multi-label'
+            (C independent sigmoids).
+
+    Returns:
+        float64 [N, C]. Multi-class: ``z_c − logsumexp_{k≠c} z_k`` (for 2 classes: ±(z_1 − z_0), exactly);
+        multi-label: the logits themselves. A score ≥ 0 means p_c ≥ 0.5 in both cases.
+    """
+    z = logits.detach().cpu().double().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"logits must be [N, C], got shape {z.shape}")
+    if task == "multi-label":
+        return z.copy()
+    if task != "multi-class":
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    num_classes = z.shape[1]
+    # [N, C, C]: row c holds the logits of every class but c (−inf in place of c).
+    others = np.where(np.eye(num_classes, dtype=bool)[None], -np.inf, z[:, None, :])
+    peak = others.max(axis=2, keepdims=True)
+    with np.errstate(invalid="ignore"):  # C = 1: no other class; the log-odds are +inf
+        rest = peak[..., 0] + np.log(np.exp(others - peak).sum(axis=2))
+    return z - rest
+
+
+def classification_metrics(task: str, labels: np.ndarray, log_odds: np.ndarray) -> Dict[str, float]:
+    """AUC, mAP and accuracy of per-class scores, in % (NaN where undefined).
 
     Args:
         task: 'multi-class' (one label per sample; binary tasks are 2-class) or 'multi-label'.
         labels: multi-class: [N] int class indices; multi-label: [N, C] in {0, 1}.
-        scores: [N, C] probabilities (softmax for multi-class, sigmoid for multi-label).
+        log_odds: [N, C] float per-class log-odds, as :func:`class_log_odds` gives them. AUC and AP depend
+            only on the ranking of each column, so any strictly increasing function of p_c ranks the same;
+            accuracy reads 0 as the decision threshold (p = 0.5) for multi-label tasks.
 
     Returns:
         ``auc``: multi-class: mean over classes of one-vs-rest AUC (for 2 classes this is the plain
-        binary AUC); multi-label: mean over labels. Classes/labels whose test set has only one value
-        are left out of the mean. ``map``: the same means of average precision (classes without a
-        positive left out). ``acc``: argmax accuracy (multi-class) or element-wise accuracy at 0.5
-        (multi-label). ``classes_scored``: how many classes entered the AUC mean.
+        binary AUC of class 1); multi-label: mean over labels. Classes/labels whose test set has only one
+        value are left out of the mean. ``map``: average precision averaged the same way, except for a
+        2-class task, where it is the AP of the positive class (label 1). ``map_two_class``: for a
+        2-class task the mean AP over both classes (the other common convention), NaN otherwise.
+        ``acc``: argmax accuracy (multi-class) or element-wise accuracy at p = 0.5 (multi-label).
+        ``classes_scored``: how many classes entered the AUC mean.
     """
-    scores = np.asarray(scores, np.float64)
+    scores = np.asarray(log_odds, np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be [N, C], got shape {scores.shape}")
     if task == "multi-class":
@@ -277,14 +315,16 @@ def classification_metrics(task: str, labels: np.ndarray, scores: np.ndarray) ->
         one_hot = np.asarray(labels).astype(bool)
         if one_hot.shape != scores.shape:
             raise ValueError(f"multi-label labels {one_hot.shape} and scores {scores.shape} differ")
-        accuracy = float(((scores >= 0.5) == one_hot).mean())
+        accuracy = float(((scores >= 0.0) == one_hot).mean())
     else:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     aucs = np.array([binary_auc(one_hot[:, c], scores[:, c]) for c in range(scores.shape[1])])
     aps = np.array([average_precision(one_hot[:, c], scores[:, c]) for c in range(scores.shape[1])])
+    binary = task == "multi-class" and scores.shape[1] == 2
     return {
         "auc": 100.0 * _nanmean(aucs),
-        "map": 100.0 * _nanmean(aps),
+        "map": 100.0 * (float(aps[1]) if binary else _nanmean(aps)),
+        "map_two_class": 100.0 * _nanmean(aps) if binary else float("nan"),
         "acc": 100.0 * accuracy,
         "classes_scored": int(np.isfinite(aucs).sum()),
     }

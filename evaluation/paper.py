@@ -1,4 +1,4 @@
-"""The MedITok paper's reported figures (SPEC §4) and the modality names of its Table 1.
+"""The MedITok paper's reported figures (docs/method.md §4) and the modality names of its Table 1.
 
 Only numbers printed in the paper are here; nothing is derived or guessed.
 """

@@ -2,7 +2,7 @@
 
 Each volume (NIfTI .nii/.nii.gz, a folder holding one DICOM series, or a multi-frame DICOM) is read with
 meditok.data.read_volume in RAS+ orientation and mapped to [-1, 1]: CT through a CT window (HU),
-anything else with the SPEC's MRI normalisation (0.5th-99.5th percentile clip, min-max). Every
+anything else with the paper's MRI normalisation (0.5th-99.5th percentile clip, min-max). Every
 --step-th slice along --axis is shown as a display-oriented slice (meditok.data.volume_slice), resized
 and centre-cropped to --img-size, encoded, quantised and decoded. Volume-level numbers:
 
@@ -183,6 +183,7 @@ def probe_volumes(table: pd.DataFrame, features: Dict[str, List[torch.Tensor]], 
                                     desc=f"probe volumes/{variant}")
         rows.append({"features": variant, "feature_dim": result.feature_dim, "n_train": len(train_y), "n_test": len(test_y),
                      "num_classes": num_classes, "best_map": result.best_map["map"], "best_map_epoch": result.best_map["epoch"],
+                     "best_map_two_class": result.best_map_two_class["map_two_class"],
                      "best_auc": result.best_auc["auc"], "best_auc_epoch": result.best_auc["epoch"],
                      "val_selected_auc": result.val_selected["auc"] if result.val_selected else None,
                      "val_selected_map": result.val_selected["map"] if result.val_selected else None})
@@ -208,11 +209,14 @@ def to_markdown(volumes: List[Dict[str, Any]], overall: Dict[str, Any], probe: D
           v["worst_slice"], v["label"], v["split"]] for v in volumes]), ""]
     lines += ["## Probe (volume features = mean of slice features)", ""]
     if "rows" in probe:
-        lines += [markdown_table(["features", "dim", "train", "test", "classes", "best mAP", "epoch", "best AUC", "epoch",
-                                  "AUC at best val", "mAP at best val"],
+        lines += [markdown_table(["features", "dim", "train", "test", "classes", "best mAP", "epoch", "best mAP 2-class",
+                                  "best AUC", "epoch", "AUC at best val", "mAP at best val"],
                                  [[r["features"], r["feature_dim"], r["n_train"], r["n_test"], r["num_classes"], r["best_map"],
-                                   r["best_map_epoch"], r["best_auc"], r["best_auc_epoch"], r["val_selected_auc"],
-                                   r["val_selected_map"]] for r in probe["rows"]]), ""]
+                                   r["best_map_epoch"], r["best_map_two_class"], r["best_auc"], r["best_auc_epoch"],
+                                   r["val_selected_auc"], r["val_selected_map"]] for r in probe["rows"]]), ""]
+        if any(r["num_classes"] == 2 for r in probe["rows"]):
+            lines += ["Binary task: mAP is the AP of the positive class (label 1); 'mAP 2-class' is the mean AP over "
+                      "both classes.", ""]
     else:
         lines += [probe["skipped"], ""]
     lines += ["## Conventions", ""] + [f"- **{k}**: {v}" for k, v in info["conventions"].items()]

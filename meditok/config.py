@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, named presets, JSON round trip.
 
-Presets follow SPEC §1. ``large`` is the released configuration (``meditok_simple_v1.pth``);
+Presets follow docs/method.md §1. ``large`` is the released configuration (``meditok_simple_v1.pth``);
 ``base`` and ``small`` reuse ViTamin-B/S trunk sizes; ``tiny`` is ours, small enough to train a few
 steps on a laptop CPU in tests and the quick start.
 """
@@ -31,7 +31,6 @@ class MedITokConfig:
     stem_width: int = 160
     conv_widths: Tuple[int, int] = (160, 320)
     conv_depths: Tuple[int, int] = (2, 4)
-    conv_expand_ratio: float = 4.0
     # ViT stage (encoder and decoder).
     vit_width: int = 1024
     vit_depth: int = 31
@@ -103,6 +102,8 @@ class MedITokConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "MedITokConfig":
+        """A config from a dict (a saved ``config.json``); keys of :data:`RETIRED_FIELDS` are dropped."""
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -121,6 +122,14 @@ class MedITokConfig:
         if unknown:
             raise TypeError(f"Unknown override(s) {unknown}; valid fields: {sorted(known)}")
         return dataclasses.replace(self, **overrides)
+
+
+#: Fields older versions wrote into every ``config.json`` that never changed the model; reading drops them.
+RETIRED_FIELDS = {
+    # The MbConv expansion is ×4 in every released and preset model: timm's MbConvStages builds its blocks
+    # with the default ratio whatever the config said, so this value was saved but never used.
+    "conv_expand_ratio": "the MbConv expansion is fixed at 4",
+}
 
 
 PRESETS: Dict[str, MedITokConfig] = {

@@ -20,6 +20,7 @@ released training code: cosine assignment over 4,096 codes is sensitive to bf16 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -32,6 +33,33 @@ from .quantizer import MultiCodebookQuantizer, QuantizerOutput, autocast_off
 from .vitamin import ViTaminDecoder, ViTaminEncoder
 
 MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _compile_with_eager_fallback(module: nn.Module, name: str, **compile_kwargs) -> None:
+    """Compile ``module``'s forward in place (one specialised graph per input shape); on a compilation error,
+    warn and switch that module back to its eager forward for good.
+
+    Dynamo's process-wide ``suppress_errors`` would do the fallback too, but for every compiled function in
+    the process (a user's own ``torch.compile`` would then hide its errors); this catches them for this module
+    only. Errors raised while compiling the backward graph (compiled lazily, at the first backward) are not
+    caught here.
+    """
+    from torch._dynamo.exc import TorchDynamoException
+
+    eager_forward = module.forward  # the class's forward, bound to this instance
+    compiled_forward = torch.compile(eager_forward, dynamic=False, **compile_kwargs)
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled_forward(*args, **kwargs)
+        except TorchDynamoException as error:  # BackendCompilerFailed, InductorError, Unsupported, ...
+            reason = " ".join(line.strip() for line in str(error).splitlines()[:2] if line.strip())
+            warnings.warn(f"torch.compile of the MedITok {name} failed ({type(error).__name__}: {reason}); running "
+                          f"it eagerly instead", RuntimeWarning, stacklevel=2)
+            module.forward = eager_forward
+            return eager_forward(*args, **kwargs)
+
+    module.forward = forward  # an instance attribute: parameter names and state dict are unchanged
 
 
 class MedITok(nn.Module):
@@ -48,7 +76,7 @@ class MedITok(nn.Module):
         self.post_quant_proj = AttentionProjection(c.vocab_width, c.vit_width, c.proj_heads)
         self.decoder = ViTaminDecoder(c.conv_widths, c.decoder_conv_depths, c.vit_width, c.decoder_vit_depth,
                                       c.vit_heads, c.mlp_ratio, c.drop_path)
-        # Alignment head: mean-pooled post-quantisation tokens → LayerNorm → 768-d (SPEC §1).
+        # Alignment head: mean-pooled post-quantisation tokens → LayerNorm → 768-d (docs/method.md §1).
         self.fc_norm = nn.LayerNorm(c.vit_width, eps=1e-6)
         self.projection = nn.Linear(c.vit_width, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -57,7 +85,7 @@ class MedITok(nn.Module):
     # Construction helpers
     @torch.no_grad()
     def init_weights(self, include_encoder: bool = True) -> "MedITok":
-        """Initialise every tensor for training from scratch, as the released training did (SPEC §2):
+        """Initialise every tensor for training from scratch, as the released training did (docs/method.md §2):
         linear weights truncated-normal std 0.02, convolutions xavier-normal gain 0.5, norms 1/0, biases 0,
         codebooks uniform ±D^-0.5/36, logit scale log(1/0.07), fixed zero tensors zero. Works on a model
         materialised with ``to_empty``. The released run initialised the encoder from UniTok instead; pass
@@ -94,9 +122,8 @@ class MedITok(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True, parts: str = "all") -> None:
         """Recompute activations in the backward pass to save memory: ``parts="vit"`` the ViT blocks of encoder
         and decoder, ``"decoder_conv"`` the decoder's upsampling stages, ``"all"`` both. Gradients are unchanged.
-        For ``large`` at 256 px they free 48 % / 33 % / 81 % of the activations kept per image
-        (``python -m meditok.info large --activations``); recomputing the ViTs costs more FLOPs, the decoder's
-        conv stages fewer."""
+        Recomputing the ViTs costs more FLOPs, the decoder's conv stages fewer; how much memory each setting
+        frees is printed by ``python -m meditok.info large --activations`` (figures in docs/performance.md)."""
         if parts not in self.CHECKPOINT_PARTS:
             raise ValueError(f"grad-checkpointing parts {parts!r}: use one of {self.CHECKPOINT_PARTS}")
         vit = enable and parts in ("all", "vit")
@@ -112,20 +139,19 @@ class MedITok(nn.Module):
         ``channels_last``: the encoder and decoder convolutions keep their weights and activations in NHWC
         layout (cuDNN's fast path for bf16 convolutions, and LayerNorm2d's permutes become free); the decoder
         already receives NHWC-strided maps from its token reshape. ``compile``: ``torch.compile`` of the
-        encoder and the decoder (each module compiled in place with ``backend``/``mode``; the quantizer and
-        projections stay eager, fp32; each new input shape compiles once). A part that fails to compile runs
-        eagerly, with dynamo's warning, instead of stopping the run (this sets dynamo's global
-        ``suppress_errors``).
+        encoder and the decoder (each compiled in place with ``backend`` — a name or a backend callable — and
+        ``mode``; the quantizer and projections stay eager, fp32; each new input shape compiles once). A part
+        whose forward graph fails to compile warns once and runs eagerly from then on; dynamo's global
+        settings (``torch._dynamo.config``) are left as they are, so other compiled code in the process still
+        reports its errors.
         """
         if channels_last:
             for part in (self.encoder, self.decoder):
                 part.to(memory_format=torch.channels_last)
             self.encoder.channels_last = True
         if compile:
-            from torch import _dynamo
-            _dynamo.config.suppress_errors = True  # fall back to eager for whatever cannot compile
-            for part in (self.encoder, self.decoder):
-                part.compile(backend=backend, mode=mode, dynamic=False)  # one specialised graph per shape
+            for name in ("encoder", "decoder"):
+                _compile_with_eager_fallback(getattr(self, name), name, backend=backend, mode=mode)
         return self
 
     @property

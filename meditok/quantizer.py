@@ -1,4 +1,4 @@
-"""Multi-codebook vector quantizer (SPEC §1), all codebooks in one batched computation.
+"""Multi-codebook vector quantizer (docs/method.md §1), all codebooks in one batched computation.
 
 A latent of ``vocab_width`` channels (64) is cut into ``num_codebooks`` (8) chunks of
 ``codebook_dim`` (8) channels. Chunk k is ℓ2-normalised and replaced by the ℓ2-normalised entry of
@@ -48,14 +48,21 @@ class MultiCodebookQuantizer(nn.Module):
         codebook_size: V entries per codebook (4096).
         codebook_dim: D channels per codebook (8); the latent has K·D channels.
         beta: commitment weight β (0.25).
+        sync_usage: in training mode inside an initialised process group, all-reduce the per-code counts so
+            ``usage`` and the ``vocab_usage`` EMA describe the global batch (the default, as the released
+            training did). ``False`` keeps them per rank: no collective in the forward pass, so a rank may run
+            the quantizer in training mode on its own (e.g. a rank-0-only check) without waiting for the others.
+            A run-time switch (attribute of the same name), not part of the saved config.
     """
 
-    def __init__(self, num_codebooks: int = 8, codebook_size: int = 4096, codebook_dim: int = 8, beta: float = 0.25):
+    def __init__(self, num_codebooks: int = 8, codebook_size: int = 4096, codebook_dim: int = 8, beta: float = 0.25,
+                 sync_usage: bool = True):
         super().__init__()
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim
         self.beta = beta
+        self.sync_usage = sync_usage
         self.weight = nn.Parameter(torch.empty(num_codebooks, codebook_size, codebook_dim))
         # Running estimate of how often each code is chosen (an EMA of per-batch frequencies), kept for
         # checkpoint compatibility and dead-code monitoring. Updated only in training mode.
@@ -73,7 +80,7 @@ class MultiCodebookQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
-                f"codebook_dim={self.codebook_dim}, beta={self.beta:g}")
+                f"codebook_dim={self.codebook_dim}, beta={self.beta:g}, sync_usage={self.sync_usage}")
 
     def normalized_codebooks(self) -> torch.Tensor:
         """[K, V, D] ℓ2-normalised codewords, float32."""
@@ -91,7 +98,7 @@ class MultiCodebookQuantizer(nn.Module):
         # Cosine similarity of unit vectors: one batched matmul over codebooks, [K, N, V]. Always float32,
         # whatever autocast region the caller is in: with 4,096 codewords on the 8-d sphere the best and
         # second-best similarities are often closer than bf16's resolution (≈ 4e-3), and bf16 scores would
-        # pick a different id for several % of the tokens.
+        # pick a different id for several % of the tokens (docs/performance.md, "bf16 numerics").
         with autocast_off(z_chunks):
             sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))  # both float32 already
         return sim.argmax(dim=-1)  # [K, N]
@@ -158,7 +165,7 @@ class MultiCodebookQuantizer(nn.Module):
         # scatter_add, not bincount: CUDA's bincount reads the largest id back to the host (a sync per step)
         counts = torch.zeros(K * V, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
         counts = counts.view(K, V)
-        if self.training and dist.is_available() and dist.is_initialized():
+        if self.training and self.sync_usage and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)  # usage over the global batch
         freq = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         usage = (freq > 0.01 / V).float().mean() * 100

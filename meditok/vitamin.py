@@ -1,4 +1,4 @@
-"""ViTamin hybrid encoder and its mirrored decoder (SPEC §1).
+"""ViTamin hybrid encoder and its mirrored decoder (docs/method.md §1).
 
 The encoder's building blocks are timm's own ViTamin pieces (``timm.models.vitamin``: conv stem,
 pre-norm MbConv stages, strided-conv "pool" into the ViT width, GeGLU MLP) and timm's ViT ``Block``,
@@ -102,9 +102,9 @@ class Upsample2d(nn.Module):
     pass never builds the ×2 nearest-neighbour image: a 3×3 conv over a nearest-upsampled map is exactly a
     stride-2 transposed conv with a 4×4 kernel over the small map, whose taps are sums of the 3×3 taps
     (``subpixel_kernel``). Each output pixel then reads 2×2 instead of 3×3 input values: 16/36 of the
-    multiply-adds (the decoder's upsampling convs are ≈ 300 of its 517 GFLOPs per 256-px image in the
-    direct form) and no 4×-sized intermediate to store for the backward pass. ``direct=True`` runs the
-    textbook form (the reference the tests compare with).
+    multiply-adds of these convs (most of the decoder's FLOPs; figures in docs/performance.md) and no
+    4×-sized intermediate to store for the backward pass. ``direct=True`` runs the textbook form (the
+    reference the tests compare with).
     """
 
     def __init__(self, in_chs: int, out_chs: int):

@@ -10,7 +10,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from evaluation.metrics import (GaussianStatistics, average_precision, binary_auc, classification_metrics,
+from evaluation.metrics import (GaussianStatistics, average_precision, binary_auc, class_log_odds, classification_metrics,
                                 frechet_distance, frechet_distance_from_features, frechet_distance_of, psnr,
                                 quantize_to_uint8, quantize_to_unit, ssim)
 
@@ -197,17 +197,75 @@ def test_classification_metrics_conventions():
     rng = np.random.default_rng(7)
     # Binary task as 2-class softmax: the macro one-vs-rest AUC is the plain AUC of the positive class.
     labels = rng.integers(0, 2, 100)
-    p1 = 1 / (1 + np.exp(-(labels + rng.normal(size=100))))
-    scores = np.stack([1 - p1, p1], axis=1)
-    result = classification_metrics("multi-class", labels, scores)
+    margin = labels + rng.normal(size=100)                         # z1 - z0
+    p1 = 1 / (1 + np.exp(-margin))
+    log_odds = class_log_odds(np.stack([np.zeros(100), margin], axis=1), "multi-class")
+    np.testing.assert_allclose(log_odds, np.stack([-margin, margin], axis=1), atol=1e-12)
+    result = classification_metrics("multi-class", labels, log_odds)
     assert result["auc"] == pytest.approx(100 * binary_auc(labels, p1))
-    assert result["map"] == pytest.approx(50 * (average_precision(labels, p1) + average_precision(1 - labels, 1 - p1)))
+    assert result["map"] == pytest.approx(100 * average_precision(labels, p1))
+    assert result["map_two_class"] == pytest.approx(50 * (average_precision(labels, p1) + average_precision(1 - labels, 1 - p1)))
     assert result["acc"] == pytest.approx(100 * np.mean((p1 >= 0.5) == labels))
     # Multi-label: mean over labels; a label without positives in the test set is left out of the AUC.
     multi = rng.integers(0, 2, (80, 3))
     multi[:, 2] = 0
-    probabilities = np.clip(multi * 0.6 + rng.uniform(0, 0.4, (80, 3)), 0, 1)
-    result = classification_metrics("multi-label", multi, probabilities)
+    probabilities = np.clip(multi * 0.6 + rng.uniform(0.01, 0.4, (80, 3)), 0.01, 0.99)
+    logits = np.log(probabilities / (1 - probabilities))
+    result = classification_metrics("multi-label", multi, class_log_odds(logits, "multi-label"))
     expected_auc = np.mean([binary_auc(multi[:, c], probabilities[:, c]) for c in range(2)])
     assert result["auc"] == pytest.approx(100 * expected_auc)
-    assert result["classes_scored"] == 2
+    assert result["acc"] == pytest.approx(100 * np.mean((probabilities >= 0.5) == multi))
+    assert result["classes_scored"] == 2 and np.isnan(result["map_two_class"])
+
+
+def test_one_vs_rest_log_odds_are_the_log_odds_of_the_softmax():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(50, 4)) * 3
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(class_log_odds(torch.tensor(logits), "multi-class"),
+                               np.log(probabilities / (1 - probabilities)), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="task"):
+        class_log_odds(logits, "regression")
+
+
+def test_confident_predictions_keep_their_ranks():
+    """Logit margins past float32 softmax saturation: probabilities tie at 1.0, log-odds do not."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    labels = np.array([0, 0, 1, 1])
+    margins = np.array([20.0, 25.0, 30.0, 40.0])          # z1 - z0: every positive above every negative
+    logits = np.stack([np.zeros(4), margins], axis=1)
+    expected_auc = 100 * sklearn_metrics.roc_auc_score(labels, margins)
+    assert expected_auc == 100.0
+    saturated = torch.tensor(logits, dtype=torch.float32).softmax(dim=1).double().numpy()
+    assert (saturated[:, 1] == 1.0).all()                 # the float32 probabilities of old: 75 % AUC
+    assert classification_metrics("multi-class", labels, saturated)["auc"] == pytest.approx(75.0)
+    result = classification_metrics("multi-class", labels, class_log_odds(logits, "multi-class"))
+    assert result["auc"] == pytest.approx(expected_auc)
+    assert result["map"] == pytest.approx(100 * sklearn_metrics.average_precision_score(labels, margins))
+    # Three classes, margins where float32 saturates and float64 probabilities still resolve: one-vs-rest macro
+    # AUC against scikit-learn on float64 softmax probabilities computed here.
+    rng = np.random.default_rng(9)
+    labels = np.repeat(np.arange(3), 20)
+    logits = np.eye(3)[labels] * rng.uniform(18, 30, (60, 1)) + rng.normal(0, 3, (60, 3))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    reference = 100 * sklearn_metrics.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
+    assert classification_metrics("multi-class", labels, class_log_odds(logits, "multi-class"))["auc"] == \
+        pytest.approx(reference, abs=1e-9)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_binary_map_is_the_positive_class_ap_with_the_two_class_mean_beside_it(ties):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(10)
+    labels = rng.integers(0, 2, 300)
+    margin = labels * 0.7 + rng.normal(size=300)
+    if ties:
+        margin = np.round(margin, 1)
+    result = classification_metrics("multi-class", labels, class_log_odds(np.stack([-margin / 2, margin / 2], axis=1),
+                                                                         "multi-class"))
+    positive = sklearn_metrics.average_precision_score(labels, margin)
+    negative = sklearn_metrics.average_precision_score(1 - labels, -margin)
+    assert result["map"] == pytest.approx(100 * positive)
+    assert result["map_two_class"] == pytest.approx(50 * (positive + negative))
+    assert result["auc"] == pytest.approx(100 * sklearn_metrics.roc_auc_score(labels, margin))

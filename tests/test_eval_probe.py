@@ -8,7 +8,9 @@ import torch
 
 import meditok
 from evaluation import linear_probe
-from evaluation.linear_probe import FeatureTable, iter_npz_rows, medmnist_dataset, train_linear_probe
+from evaluation.linear_probe import (FeatureTable, iter_npz_rows, medmnist_dataset, predict, probe_averages,
+                                     train_linear_probe)
+from evaluation.metrics import classification_metrics
 from evaluation.tokenizer import encode_for_evaluation, grid_features_from_ids
 
 
@@ -59,6 +61,45 @@ def test_probe_handles_multi_label_and_multi_class_tasks():
                                 task="multi-class", num_classes=5, epochs=5, progress=False)
     assert result.best_auc["auc"] > 95.0
     assert result.best_auc["classes_scored"] == 5
+
+
+def test_confident_probe_predictions_are_scored_without_ties():
+    """A probe so sure of itself that float32 softmax gives 1.0 to every test image: ranks must survive."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    features = np.array([[1.0, 0.0], [1.25, 0.0], [1.5, 0.0], [2.0, 0.0]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1])
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 0.0], [20.0, 1.0]]))
+        layer.bias.zero_()
+    logits64 = features.astype(np.float64) @ layer.weight.detach().double().numpy().T   # margins 20, 25, 30, 40
+    assert (torch.tensor(logits64, dtype=torch.float32).softmax(dim=1)[:, 1] == 1.0).all()
+    scores = predict(layer, FeatureTable.from_dense(features), "multi-class")
+    assert scores.dtype == np.float64
+    metrics = classification_metrics("multi-class", labels, scores)
+    assert metrics["auc"] == pytest.approx(100 * sklearn_metrics.roc_auc_score(labels, logits64[:, 1] - logits64[:, 0]))
+    assert metrics["auc"] == pytest.approx(100.0) and metrics["map"] == pytest.approx(100.0)
+    # Multi-label: the logits are the scores (sigmoid saturates at 1.0 in float32 too).
+    multi = predict(layer, FeatureTable.from_dense(features), "multi-label")
+    np.testing.assert_allclose(multi, logits64)
+
+
+def test_average_row_covers_the_papers_datasets_only():
+    def row(name, task, classes, best_map, best_auc, two_class=float("nan")):
+        return {"dataset": name, "features": "grid", "task": task, "num_classes": classes, "best_map": best_map,
+                "best_auc": best_auc, "best_map_two_class": two_class}
+
+    rows = [row("breastmnist_224", "multi-class", 2, 80.0, 90.0, 70.0), row("dermamnist", "multi-class", 7, 60.0, 92.0),
+            row("chestmnist_224", "multi-label", 14, 20.0, 70.0), row("csv", "multi-class", 3, 10.0, 50.0)]
+    table2, other = probe_averages(rows, ["grid"])
+    assert table2["grid"]["names"] == ["breastmnist_224", "dermamnist"] and table2["grid"]["datasets"] == 2
+    assert table2["grid"]["map"] == pytest.approx((80.0 + 60.0) / 2)
+    assert table2["grid"]["auc"] == pytest.approx((90.0 + 92.0) / 2)
+    assert table2["grid"]["map_two_class"] == pytest.approx((70.0 + 60.0) / 2)    # binary: the two-class mean
+    assert other["grid"]["names"] == ["chestmnist_224", "csv"]
+    assert other["grid"]["auc"] == pytest.approx((70.0 + 50.0) / 2)
+    table2, other = probe_averages(rows[:2], ["grid"])
+    assert other == {}
 
 
 def test_grid_features_from_cached_ids_equal_the_quantised_grid(tiny_model, images):
@@ -130,9 +171,16 @@ def test_cli_end_to_end_on_npz_and_csv_with_cache(tmp_path, tiny_checkpoint, cap
     assert rows[("toymnist", "grid")]["feature_dim"] == 16 * 64            # 64 px → 4×4 tokens × 64 channels
     assert rows[("examples_modality", "grid")]["num_classes"] == 7         # modality names numbered
     assert all(0 <= r["best_auc"] <= 100 for r in rows.values())
+    # toymnist is binary: mAP of the positive class, the two-class mean beside it; 7 classes: no two-class value.
+    assert 0 <= rows[("toymnist", "grid")]["best_map_two_class"] <= 100
+    assert rows[("examples_modality", "grid")]["best_map_two_class"] is None
+    # Neither task is one of Table 2's: the paper-comparable average is empty, the others are averaged apart.
+    assert result["average"]["grid"]["datasets"] == 0 and result["average"]["grid"]["map"] is None
+    assert result["average_other_datasets"]["grid"]["names"] == ["toymnist", "examples_modality"]
     assert result["warnings"] == []                                        # a checkpoint, not random weights
     markdown = (out / "linear_probe.md").read_text()
     assert "paper MedITok" in markdown and "82.27" in markdown
+    assert "not in the paper's average" in markdown and "positive class" in markdown
     history = pd.read_csv(out / "linear_probe_history.csv")
     assert len(history) == 4 * 3 and {"test_auc", "test_map", "val_auc"} <= set(history.columns)
     assert len(pd.read_csv(out / "linear_probe.csv")) == 4

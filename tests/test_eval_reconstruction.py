@@ -1,6 +1,7 @@
 """Reconstruction CLI end to end on the example data, the FID Inception's local weights, modality names."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -47,8 +48,13 @@ def test_cli_end_to_end_on_examples(tmp_path, tiny_checkpoint, capsys):
         assert row["psnr"] == pytest.approx(chosen["psnr"].mean(), rel=1e-5)
         assert row["ssim"] == pytest.approx(chosen["ssim"].mean(), rel=1e-5)
         assert row["rfid"] is None and "at least 2" in row["note"]       # one image per modality here
+    # 'avg' is over the paper's Table 1 modalities only; microscopy is listed and averaged apart.
     average = result["average_over_modalities"]
-    assert average["psnr"] == pytest.approx(sum(r["psnr"] for r in groups.values()) / len(groups))
+    in_table1 = [r for name, r in groups.items() if name != "microscopy"]
+    assert average["names"] == ["CT", "Fundus", "MRI", "Patho", "US"]
+    assert average["psnr"] == pytest.approx(sum(r["psnr"] for r in in_table1) / len(in_table1))
+    assert result["other_modalities"] == ["microscopy"]
+    assert result["average_over_other_modalities"]["psnr"] == pytest.approx(groups["microscopy"]["psnr"])
     assert result["all_images"]["images"] == 6 and result["all_images"]["rfid"] is not None
     assert "meaningless" in result["all_images"]["note"]
     # Random Inception and random-free tokenizer: exactly one loud warning about rFID comparability.
@@ -62,6 +68,36 @@ def test_cli_end_to_end_on_examples(tmp_path, tiny_checkpoint, capsys):
     assert [w["psnr"] for w in result["worst_cases"]] == pytest.approx(worst_two, rel=1e-5)
     assert len(pd.read_csv(out / "reconstruction.csv")) == len(groups) + 1
     assert "wrote" in capsys.readouterr().out
+
+
+def test_avg_is_over_the_papers_eight_modalities_and_extras_are_listed_apart():
+    """A run with all 8 Table 1 modalities plus one more: 'avg' must be the 8-modality mean printed beside the
+    paper's, with the extra modality named and averaged separately."""
+    rng = np.random.default_rng(0)
+    groups = reconstruction.OrderedDict()
+    for name in ["nuclear medicine"] + list(reconstruction.TABLE1_MODALITIES):
+        group = reconstruction.GroupResult(reconstruction.modality_group(name), labels={name})
+        group.psnr, group.ssim = list(rng.uniform(20, 40, 3)), list(rng.uniform(0.5, 0.99, 3))
+        groups[group.name] = group
+    everything = reconstruction.GroupResult("all images", psnr=[v for g in groups.values() for v in g.psnr],
+                                            ssim=[v for g in groups.values() for v in g.ssim])
+    summary = reconstruction.summarise({"groups": groups, "all": everything}, min_fid_images=50, with_fid=False)
+    paper_groups = [groups[m] for m in reconstruction.TABLE1_MODALITIES]
+    expected_psnr = sum(sum(g.psnr) / 3 for g in paper_groups) / 8
+    expected_ssim = 100 * sum(sum(g.ssim) / 3 for g in paper_groups) / 8
+    average = summary["average_over_modalities"]
+    assert average["modalities"] == 8 and average["names"] == list(reconstruction.TABLE1_MODALITIES)
+    assert average["psnr"] == pytest.approx(expected_psnr) and average["ssim"] == pytest.approx(expected_ssim)
+    assert summary["other_modalities"] == ["nuclear medicine"] and summary["table1_columns_missing"] == []
+    extra = groups["nuclear medicine"]
+    assert summary["average_over_other_modalities"]["psnr"] == pytest.approx(sum(extra.psnr) / 3)
+    info = {"tokenizer": {"source": "test"}, "data": {"source": "test", "img_size": 64}, "warnings": [],
+            "conventions": reconstruction.CONVENTIONS, "fid_network": {}}
+    markdown = reconstruction.to_markdown(summary, info, [])
+    table1_header = next(line for line in markdown.splitlines() if line.startswith("|  | CT rFID"))
+    assert "nuclear medicine" not in table1_header                        # no extra column beside the paper's
+    assert "left out of 'avg': nuclear medicine" in markdown
+    assert "mean over the 8 Table 1 modalities" in markdown
 
 
 def test_folder_input_without_fid(tmp_path):

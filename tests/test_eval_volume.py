@@ -52,6 +52,7 @@ def test_cli_end_to_end_with_probe(tmp_path, tiny_checkpoint):
     assert set(probe_rows) == {"grid", "pooled"}
     assert probe_rows["grid"]["feature_dim"] == 4 * 64 and probe_rows["grid"]["n_test"] == 4   # 32 px → 2×2 tokens
     assert result["probe"]["classes"] == {"large": 0, "small": 1}
+    assert all(0 <= r["best_map_two_class"] <= 100 for r in probe_rows.values())    # binary: both mAP conventions
     assert len(pd.read_csv(out / "volume_probe_history.csv")) == 2 * 3
     markdown = (out / "volume.md").read_text()
     assert "Table S2" in markdown and "97.71" in markdown

@@ -1,7 +1,9 @@
 """The tokenizer: presets, shapes of every API call, consistency of the token paths, and the
 architecture checked piece by piece against independent references (timm's own ViTamin, explicit
 attention)."""
+import json
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -47,6 +49,23 @@ def test_config_overrides_and_errors(tmp_path):
         meditok.get_config("tiny", widht=3)
     with pytest.raises(ValueError, match="multiple of 16"):
         meditok.get_config("tiny", img_size=100)
+
+
+def test_old_configs_with_the_retired_expand_ratio_still_load(tmp_path):
+    """config.json files written before conv_expand_ratio was dropped carry it; it never changed the model."""
+    old = {**meditok.get_config("tiny").to_dict(), "conv_expand_ratio": 4.0}
+    assert MedITokConfig.from_dict(old) == meditok.get_config("tiny")
+    assert "conv_expand_ratio" not in meditok.get_config("tiny").to_dict()
+    with pytest.raises(ValueError, match="Unknown MedITokConfig field"):
+        MedITokConfig.from_dict({**old, "conv_expand_ration": 4.0})
+    # A model saved with such a config.json loads back with its weights.
+    torch.manual_seed(0)
+    model = meditok.build_meditok("tiny")
+    folder = meditok.save_meditok(model, tmp_path / "old_tok")
+    config_file = tmp_path / "old_tok" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "conv_expand_ratio": 4.0}))
+    loaded = meditok.load_meditok(folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,3 +328,72 @@ def test_upsampling_conv_equals_nearest_upsample_then_3x3_conv(shape):
     with torch.no_grad():  # the direct form stays available, and the state dict is the plain conv's
         torch.testing.assert_close(up(x, direct=True), reference)
     assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Run-time speed options
+
+
+def test_compile_falls_back_to_eager_per_part_and_leaves_dynamo_config_alone(images):
+    from torch._dynamo import config as dynamo_config
+
+    torch.manual_seed(0)  # the tiny preset with one block per stage: dynamo traces every op before the backend fails
+    tiny_model = meditok.build_meditok(meditok.get_config("tiny", vit_depth=1, decoder_vit_depth=1, conv_depths=(1, 1),
+                                                          decoder_conv_depths=(1, 1))).eval()
+
+    attempts = []
+
+    def failing_backend(graph_module, example_inputs):
+        attempts.append(len(example_inputs))
+        raise RuntimeError("this backend cannot compile anything")
+
+    suppress_before = dynamo_config.suppress_errors
+    with torch.no_grad():
+        expected = tiny_model.img_to_reconstructed_img(images)
+    names_before = list(tiny_model.state_dict())
+    try:
+        tiny_model.speed_up(compile=True, backend=failing_backend)
+        assert dynamo_config.suppress_errors == suppress_before           # no process-wide switch
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            out = tiny_model.img_to_reconstructed_img(images)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        for part in ("encoder", "decoder"):
+            assert any(f"MedITok {part} failed" in m and "cannot compile anything" in m and "eagerly" in m
+                       for m in messages), messages
+        torch.testing.assert_close(out, expected)
+        assert attempts and list(tiny_model.state_dict()) == names_before
+        tried = len(attempts)
+        with torch.no_grad():
+            torch.testing.assert_close(tiny_model.img_to_reconstructed_img(images), expected)
+        assert len(attempts) == tried                                     # fell back for good: no retry
+        # Other compiled code in the process still reports its errors.
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+            torch.compile(lambda x: x * 2 + 1, backend=failing_backend)(torch.ones(3))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_part_that_compiles_runs_its_compiled_graph():
+    from meditok.model import _compile_with_eager_fallback
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    part = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    expected = part(x)
+    try:
+        _compile_with_eager_fallback(part, "test part", backend=counting_backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)                # no fallback taken
+            torch.testing.assert_close(part(x), expected)
+            torch.testing.assert_close(part(x), expected)
+        assert len(graphs) == 1                                           # compiled once, then reused
+        assert list(part.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    finally:
+        torch._dynamo.reset()

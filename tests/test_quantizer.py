@@ -1,4 +1,4 @@
-"""The batched quantizer against a plain per-codebook reference written here (SPEC §1)."""
+"""The batched quantizer against a plain per-codebook reference written here (docs/method.md §1)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,39 @@ def test_usage_metric_and_ema_only_in_training(quantizer):
     expected = torch.zeros(8, 64)
     expected[:, :16] = 1 / 16
     torch.testing.assert_close(quantizer.vocab_usage, expected)
+
+
+@pytest.mark.parametrize("sync_usage", [True, False])
+def test_usage_all_reduce_follows_the_sync_usage_switch(quantizer, monkeypatch, sync_usage):
+    """In a process group, usage covers the global batch only with sync_usage (the default); the all-reduce is
+    stood in for by one that adds a second rank's counts (codes 16..47), so the effect is visible on one process."""
+    assert MultiCodebookQuantizer().sync_usage is True
+    local_ids = torch.arange(16)
+    codes = F.normalize(quantizer.weight.detach(), dim=-1)[:, local_ids]
+    z = codes.permute(1, 0, 2).reshape(1, 16, 64)                      # this rank picks codes 0..15
+    other_rank = torch.zeros(8, 64)
+    other_rank[:, 16:48] = 1.0                                          # the other rank picked 16..47, once each
+    calls = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.shape)
+        tensor.add_(other_rank.flatten().view_as(tensor))
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    quantizer.sync_usage = sync_usage
+    quantizer.train()
+    usage = quantizer(z).usage.item()
+    expected_counts = torch.zeros(8, 64)
+    expected_counts[:, :16] = 1.0
+    if sync_usage:
+        expected_counts += other_rank
+    assert len(calls) == int(sync_usage)
+    assert usage == pytest.approx(100 * (expected_counts > 0).float().mean().item())   # 75 % synced, 25 % local
+    torch.testing.assert_close(quantizer.vocab_usage, expected_counts / expected_counts.sum(dim=1, keepdim=True))
+    quantizer.eval()
+    quantizer(z)
+    assert len(calls) == int(sync_usage), "eval mode never all-reduces"
 
 
 def test_state_dict_uses_released_per_codebook_names(quantizer):
