@@ -1,4 +1,4 @@
-"""Training losses of SPEC §2 (everything except the networks they use, which live in
+"""Training losses of docs/method.md §2 (everything except the networks they use, which live in
 ``perceptual.py`` and ``discriminator.py``).
 
 L_recon = 0.2·L1 + 1.0·L2 + 1.0·LPIPS + λ_adv·L_adv + 1.0·L_vq, with λ_adv adaptive (VQGAN):

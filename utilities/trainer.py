@@ -1,4 +1,4 @@
-"""The training step of SPEC §2 and everything it needs: tokenizer, alignment head, frozen teacher,
+"""The training step of docs/method.md §2 and everything it needs: tokenizer, alignment head, frozen teacher,
 LPIPS, DINO discriminator, optimisers, EMA, and the run's schedule. ``train.py`` drives it over the data;
 the step benchmark (``python -m evaluation.benchmark``) drives it over synthetic batches.
 
@@ -36,7 +36,7 @@ from .schedule import Schedule
 
 
 class AlignmentHead(nn.Module):
-    """f_vision / f_text of SPEC §2: LayerNorm + linear from the teacher's width to the tokenizer's 768."""
+    """f_vision / f_text of docs/method.md §2: LayerNorm + linear from the teacher's width to the tokenizer's 768."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -86,7 +86,7 @@ def known_peak_flops(device: torch.device, bf16: bool) -> float:
 
 
 def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, Optional[Dict[str, Any]]]:
-    """Tokenizer from --init_from (weights file/folder or a previous run folder) or from scratch.
+    """Tokenizer from --init-from (weights file/folder or a previous run folder) or from scratch.
     Returns (tokenizer in train mode, discriminator-heads state of the previous run or None)."""
     disc_state = None
     if args.init_from:
@@ -101,7 +101,7 @@ def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, 
         else:
             tokenizer = meditok.load_meditok(args.init_from, img_size=args.img_size or None)
         if tokenizer.config.preset != args.preset and dist.is_main():
-            print(f"[init] --init_from holds a {tokenizer.config.preset!r} tokenizer; --preset {args.preset!r} ignored")
+            print(f"[init] --init-from holds a {tokenizer.config.preset!r} tokenizer; --preset {args.preset!r} ignored")
     else:
         torch.manual_seed(args.seed)
         tokenizer = meditok.build_meditok(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
@@ -169,20 +169,20 @@ class Trainer:
         # non-finite steps, counted on the device (no host sync per step; read with the logged values)
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
         self.nonfinite_consecutive = torch.zeros((), dtype=torch.long, device=device)
-        # Every network above was initialised from the same seed on every rank. From here on each rank
-        # draws from its own stream (DiffAugment, the discriminator's crops): rank 0 continues the stream
-        # that built the networks (so a one-process run is unchanged), the others switch to their own seed.
-        if self.world > 1 and dist.rank() > 0:
-            torch.manual_seed(rank_seed(args.seed, dist.rank()))
 
         # MFU of the tokenizer's step (forward + backward ≈ 3 × forward, FLOPs counted by
         # torch.utils.flop_counter); the loss networks' FLOPs are not counted, so it is a lower bound.
         from meditok.info import forward_flops
         self.train_flops_per_image = 3 * sum(forward_flops(tokenizer, self.img_size).values())
         self.peak_flops = args.peak_tflops * 1e12 or known_peak_flops(device, self.bf16)
+        # Every network above was initialised from the same seed on every rank. From here on each rank
+        # draws from its own stream (DiffAugment, the discriminator's crops): rank 0 continues the stream
+        # that built the networks (so a one-process run is unchanged), the others switch to their own seed.
+        if self.world > 1 and dist.rank() > 0:
+            torch.manual_seed(rank_seed(args.seed, dist.rank()))
 
     def _speed_up(self) -> None:
-        """--channels_last / --compile (after the EMA copy was made: that one stays a plain module)."""
+        """--channels-last / --compile (after the EMA copy was made: that one stays a plain module)."""
         args = self.args
         self.tokenizer.speed_up(channels_last=args.channels_last, compile=args.compile, backend=args.compile_backend)
         if args.channels_last and self.lpips is not None:
