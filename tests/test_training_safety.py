@@ -150,7 +150,7 @@ def test_a_run_folder_without_usable_checkpoints_stops_instead_of_restarting(tra
         with pytest.raises(SystemExit, match=r"none of its checkpoints is usable.*--resume restart"):
             train.main(train_argv(run, max_steps=6, save_every=2, resume="auto", adv_weight=0, lpips_weight=0))
     # nothing deleted, and a second try says the same instead of starting from 0
-    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-00000002.pth.unusable", "ckpt-00000004.pth.unusable"]
+    assert sorted(p.name for p in run.glob("ckpt-*.unusable")) == ["ckpt-00000002.pth.unusable", "ckpt-00000004.pth.unusable"]
     with pytest.raises(SystemExit, match="none of its checkpoints is usable"):
         train.main(train_argv(run, max_steps=6, resume="auto", adv_weight=0, lpips_weight=0))
     assert train.main(train_argv(run, max_steps=2, resume="restart", adv_weight=0, lpips_weight=0)) == 0
