@@ -46,6 +46,16 @@ class VQARecord:
     split: Optional[str] = None
     modality: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: the file's questions carry no ``<image>`` (CSV, VQA-RAD, SLAKE): one is put in front of the first question
+    #: when prompting; the LLaVA formats must carry it themselves
+    adds_placeholder: bool = False
+
+    def prompt_turns(self) -> List[Tuple[str, str]]:
+        """The turns as prompted: with the image placeholder in front of the first question where the format has
+        none."""
+        if not self.adds_placeholder or "<image>" in self.turns[0][0]:
+            return list(self.turns)
+        return [("<image>\n" + self.turns[0][0], self.turns[0][1])] + list(self.turns[1:])
 
     @property
     def question(self) -> str:
@@ -215,6 +225,7 @@ def _read_csv(path: Path, image_root, captions: bool) -> List[VQARecord]:
                     raise _missing_answer(where, "fill in the 'answer' cell or delete the row")
                 turns = [(row["question"], answer)]
             records.append(VQARecord(root / row[image_column].strip(), turns, where, id=row.get("id") or str(line),
+                                     adds_placeholder=not captions,
                                      answer_type=_answer_type(row.get("answer_type"), where),
                                      question_type=row.get("question_type") or None, split=row.get("split") or None,
                                      modality=row.get("modality") or None))
@@ -234,7 +245,7 @@ def _read_vqa_rad(path: Path, image_root, captions: bool) -> List[VQARecord]:
         records.append(VQARecord(root / item["image_name"], [(str(item["question"]), answer)], where,
                                  id=str(item.get("qid", i)), answer_type=_answer_type(item.get("answer_type"), where),
                                  question_type=str(item.get("question_type", "")) or None,
-                                 split="test" if phrase.startswith("test") else "train",
+                                 split="test" if phrase.startswith("test") else "train", adds_placeholder=True,
                                  extra={"phrase_type": phrase, "organ": item.get("image_organ")}))
     return records
 
@@ -252,7 +263,7 @@ def _read_slake(path: Path, image_root, captions: bool) -> List[VQARecord]:
             raise _missing_answer(where, "SLAKE records need 'answer'; use the release train/validate/test.json")
         records.append(VQARecord(root / item["img_name"], [(str(item["question"]), answer)], where,
                                  id=str(item.get("qid", i)), answer_type=_answer_type(item.get("answer_type"), where),
-                                 question_type=item.get("content_type") or None, split=split,
+                                 question_type=item.get("content_type") or None, split=split, adds_placeholder=True,
                                  modality=item.get("modality")))
     return records
 

@@ -293,7 +293,7 @@ class MedITokLlava(nn.Module):
     def load_projector(self, path: Union[str, Path]) -> None:
         """Load a projector written by :meth:`save_projector` (a file or a run folder holding one)."""
         state, config = read_projector(path)
-        path = Path(path)
+        path = Path(path) / PROJECTOR_FILE if Path(path).is_dir() else Path(path)
         mine = self.projector_config()
         for key, what, fix in (("projector_type", "projector type", "pass --projector {theirs}"),
                                ("vision_hidden_size", "vision-tower width", "use the tokenizer the projector was "

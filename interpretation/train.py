@@ -208,7 +208,7 @@ class ConversationDataset(Dataset):
         self.captions = captions
         self.max_length = max_length
         # Check every prompt up front: a bad record fails before any training, naming its file and record.
-        self.tokens = [model.encode_prompt(r.turns, caption=captions, source=r.source, max_length=max_length)
+        self.tokens = [model.encode_prompt(r.prompt_turns(), caption=captions, source=r.source, max_length=max_length)
                        for r in records]
 
     def __len__(self) -> int:
