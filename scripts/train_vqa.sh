@@ -21,6 +21,9 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing is downloaded
+# The tiny try-out model is faster on one thread; on a loaded 2-core machine two threads made a stage-B step
+# ~20x slower (5 s vs 0.23 s). Set OMP_NUM_THREADS to change it (e.g. for a larger model on CPU).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CONFIG=${CONFIG:-vqa_tiny_cpu}
 case "$CONFIG" in */*|*.json) ;; *) CONFIG="configs/${CONFIG}.json" ;; esac
 OUT=${OUT:-runs/vqa_tiny}

@@ -10,6 +10,15 @@ from interpretation.vision_tower import MedITokVisionTower
 IMG = 32  # tiny MedITok at 32 px: a 2 × 2 grid → 4 image features
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster than two, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
