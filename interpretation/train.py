@@ -412,8 +412,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             last_loss, samples, tokens = train_step(trained, model, micro, optimizer, scheduler, device, bf16, args)
             micro = []
             step += 1
-            window_samples += samples * world
-            window_tokens += tokens * world
+            if world > 1:  # log the global loss (answer-token weighted) and counts, not rank 0's share
+                totals = torch.tensor([last_loss * tokens, tokens, samples], dtype=torch.float64, device=device)
+                dist.all_reduce(totals)
+                last_loss, tokens, samples = float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), int(totals[2])
+            window_samples += samples
+            window_tokens += tokens
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if step % args.log_every == 0 or step == total_steps:

@@ -153,3 +153,18 @@ def test_projector_checkpoint_round_trip_and_hidden_size_mismatch(lm_dirs, tmp_p
         wide.load_projector(path)
     with pytest.raises(ProjectorMismatchError, match=r"projector type linear.*--projector linear"):
         build(lm_dirs["chat"], projector="mlp2x_gelu").load_projector(path)
+
+
+def test_vision_tower_loads_any_meditok_source(tmp_path):
+    import meditok
+
+    torch.manual_seed(3)
+    tokenizer = meditok.build_meditok("tiny").eval()
+    meditok.save_meditok(tokenizer, tmp_path / "tok")            # a saved folder, as the quick start writes
+    meditok.save_meditok(tokenizer, tmp_path / "tok.safetensors")
+    x = images()
+    expected = MedITokVisionTower(tokenizer, img_size=IMG)(x)
+    for source in (tmp_path / "tok", tmp_path / "tok.safetensors"):
+        torch.testing.assert_close(MedITokVisionTower.from_source(str(source), img_size=IMG)(x), expected)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        MedITokVisionTower(tokenizer, img_size=40)
