@@ -315,7 +315,8 @@ def save_outputs(out: Path, model: MedITokLlava, args) -> None:
         model.language_model.save_pretrained(str(out / LORA_DIR))
         lora = LORA_DIR
     description = {"stage": args.stage, "language_model": str(Path(args.language_model).resolve()),
-                   "vision_tower": args.vision_tower, "features": args.features,
+                   "vision_tower": (str(Path(args.vision_tower).resolve()) if Path(args.vision_tower).exists()
+                                    else args.vision_tower), "features": args.features,
                    "img_size": model.vision_tower.img_size, "projector": PROJECTOR_FILE, "lora": lora,
                    **model.projector_config(), "template": model.template.name, "seed": args.seed}
     _atomic_write(out / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))

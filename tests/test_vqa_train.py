@@ -169,3 +169,33 @@ def test_stage_b_with_a_projector_for_another_language_model(setup, tmp_path):
         vqa_train.main(["--stage", "B", "--language-model", str(setup["lm"]), "--data", str(setup["qa"]),
                         "--image-root", str(EXAMPLES), "--out", str(tmp_path / "B"), "--img-size", "32",
                         "--init-projector", str(tmp_path / "A"), "--device", "cpu"])
+
+
+def test_gradient_checkpointing_leaves_the_gradients_unchanged(setup, tmp_path):
+    grads = []
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        args = args_for(setup, "B", tmp_path, "--grad-ckpt", flag, "--lora-dropout", "0")
+        model = vqa_train.build_model(args, torch.device("cpu"))
+        with torch.no_grad():  # LoRA B starts at zero; make it non-zero so every LoRA weight gets a gradient
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        batch = batch_of(model, setup, captions=False)
+        model.train()
+        model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in vqa_train.trainable_parameters(model).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("module", ["interpretation.train", "evaluation.vqa"])
+def test_help_runs(module, capsys):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--data" in capsys.readouterr().out
