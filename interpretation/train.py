@@ -19,6 +19,7 @@ adapter folder) and ``interpretation.json`` (what ``evaluation.vqa`` needs to re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -27,6 +28,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -349,8 +351,26 @@ def make_optimizer(model: MedITokLlava, args):
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run one stage; returns a summary (steps, final loss, seconds)."""
+@dataclass
+class Run:
+    """Everything one stage's loop works on (built by :func:`prepare_run`)."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    model: MedITokLlava
+    trained: torch.nn.Module          # the model, or its DDP wrapper
+    dataset: ConversationDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+
+
+def prepare_run(args: argparse.Namespace) -> Run:
+    """Distributed setup, model, data (every prompt checked), optimiser, schedule, and the resumed state."""
     from transformers import get_cosine_schedule_with_warmup
 
     rank, world, device = setup_distributed(args.device)
@@ -370,7 +390,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if rank == 0:
         print(f"stage {args.stage}: {len(dataset)} samples, {sum(p.numel() for p in params.values()):,} trainable "
               f"parameters ({', '.join(sorted({n.split('.')[0] for n in params}))}), world size {world}")
-
     per_epoch = batches_per_epoch(len(dataset), args.batch_size, world) // args.grad_accum
     if per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} samples are fewer than one step (batch {args.batch_size} × "
@@ -378,83 +397,115 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     total_steps = max(1, math.ceil(args.epochs * per_epoch))
     optimizer = make_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    step = 0
+    run = Run(args, rank, world, device, out, model, model, dataset, optimizer, scheduler, per_epoch, total_steps)
     resume = resolve_resume(args, out)
     if resume is not None:
-        step = load_checkpoint(resume, model, optimizer, scheduler)
+        run.step = load_checkpoint(resume, model, optimizer, scheduler)
         if rank == 0:
-            print(f"resumed from {resume} at step {step}/{total_steps}")
-    trained = model
+            print(f"resumed from {resume} at step {run.step}/{total_steps}")
     if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                            else None)
-    log = MetricsLog(out / "metrics.jsonl", step, rank == 0)
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # checkpoint, then exit
+        run.trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    bf16 = use_bf16(args, device)
-    start_time, window_start, window_samples, window_tokens = time.time(), time.time(), 0, 0
+
+def epoch_loader(run: Run, epoch: int, start_batch: int) -> DataLoader:
+    sampler = EpochBatches(len(run.dataset), run.args.batch_size, run.args.seed, epoch, run.rank, run.world,
+                           start_batch)
+    # Its own generator: creating a loader draws a seed, which must not move the RNG that LoRA dropout uses
+    # (else a run resumed mid-epoch would diverge from an unbroken one).
+    return DataLoader(run.dataset, batch_sampler=sampler, num_workers=run.args.num_workers,
+                      collate_fn=functools.partial(collate, pad_id=run.model.tokenizer.pad_token_id),
+                      generator=torch.Generator().manual_seed(run.args.seed + epoch))
+
+
+def global_totals(run: Run, loss: float, tokens: int, samples: int) -> tuple:
+    """(loss, tokens, samples) over all ranks: the answer-token-weighted loss, not rank 0's share."""
+    if run.world == 1:
+        return loss, tokens, samples
+    totals = torch.tensor([loss * tokens, tokens, samples], dtype=torch.float64, device=run.device)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), int(totals[2])
+
+
+def agreed_stop(run: Run, stop: bool) -> bool:
+    """True on every rank when any rank wants to stop (a SIGTERM reaches the ranks at different steps)."""
+    if run.world == 1:
+        return stop
+    flag = torch.tensor([float(stop)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run one stage; returns a summary (steps, final loss, seconds, finished)."""
+    run = prepare_run(args)
+    log = MetricsLog(run.out / "metrics.jsonl", run.step, run.rank == 0)
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))  # checkpoint, then exit
+    bf16 = use_bf16(args, run.device)
+    start_time = window_start = time.time()
+    window_samples = window_tokens = 0
     last_loss = float("nan")
-    progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {args.stage}")
-    model.train()
-    while step < total_steps and not stop["now"]:
-        epoch, in_epoch = divmod(step, per_epoch)
-        sampler = EpochBatches(len(dataset), args.batch_size, args.seed, epoch, rank, world, in_epoch * args.grad_accum)
-        # Its own generator: creating a loader draws a seed, which must not move the RNG that LoRA dropout uses
-        # (else a run resumed mid-epoch would diverge from an unbroken one).
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                            collate_fn=functools.partial(collate, pad_id=model.tokenizer.pad_token_id),
-                            generator=torch.Generator().manual_seed(args.seed + epoch))
-        micro = []
-        for batch in loader:
-            micro.append(batch)
-            if len(micro) < args.grad_accum:
-                continue
-            last_loss, samples, tokens = train_step(trained, model, micro, optimizer, scheduler, device, bf16, args)
+    progress = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc=f"stage {args.stage}")
+    run.model.train()
+    try:
+        stopping = False
+        while run.step < run.total_steps and not stopping:
+            epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
             micro = []
-            step += 1
-            if world > 1:  # log the global loss (answer-token weighted) and counts, not rank 0's share
-                totals = torch.tensor([last_loss * tokens, tokens, samples], dtype=torch.float64, device=device)
-                dist.all_reduce(totals)
-                last_loss, tokens, samples = float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), int(totals[2])
-            window_samples += samples
-            window_tokens += tokens
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-            if step % args.log_every == 0 or step == total_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                log.write({"step": step, "epoch": step / per_epoch, "loss": last_loss,
-                           "lr": scheduler.get_last_lr()[-1], "samples_per_s": window_samples / elapsed,
-                           "tokens_per_s": window_tokens / elapsed, "elapsed_s": time.time() - start_time})
-                window_start, window_samples, window_tokens = time.time(), 0, 0
-            should_stop = stop["now"] or step == args.stop_after_steps
-            if rank == 0 and (step % args.save_every == 0 or step == total_steps or should_stop):
-                save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, step, args)
-            if step >= total_steps or should_stop:
-                stop["now"] = stop["now"] or should_stop
-                break
-    progress.close()
-    if rank == 0 and step >= total_steps:
-        save_outputs(out, model, args)
-    if world > 1:
+            for batch in epoch_loader(run, epoch, in_epoch * args.grad_accum):
+                micro.append(batch)
+                if len(micro) < args.grad_accum:
+                    continue
+                loss, samples, tokens = train_step(run.trained, run.model, micro, run.optimizer, run.scheduler,
+                                                   run.device, bf16, args)
+                micro = []
+                run.step += 1
+                last_loss, tokens, samples = global_totals(run, loss, tokens, samples)
+                window_samples, window_tokens = window_samples + samples, window_tokens + tokens
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+                if run.step % args.log_every == 0 or run.step == run.total_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    log.write({"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": last_loss,
+                               "lr": run.scheduler.get_last_lr()[-1], "samples_per_s": window_samples / elapsed,
+                               "tokens_per_s": window_tokens / elapsed, "elapsed_s": time.time() - start_time})
+                    window_start, window_samples, window_tokens = time.time(), 0, 0
+                stopping = agreed_stop(run, stop["signal"] or run.step == args.stop_after_steps)
+                done = run.step >= run.total_steps
+                if run.rank == 0 and (run.step % args.save_every == 0 or done or stopping):
+                    save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.scheduler, run.step, args)
+                if done or stopping:
+                    break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        progress.close()
+    finished = run.step >= run.total_steps
+    if run.rank == 0 and finished:
+        save_outputs(run.out, run.model, args)
+    if run.world > 1:
         dist.barrier()
-    return {"steps": step, "total_steps": total_steps, "final_loss": last_loss, "seconds": time.time() - start_time,
-            "finished": step >= total_steps}
+    return {"steps": run.step, "total_steps": run.total_steps, "final_loss": last_loss,
+            "seconds": time.time() - start_time, "finished": finished}
 
 
 def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]], optimizer, scheduler,
                device: torch.device, bf16: bool, args) -> tuple:
     """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, samples, answer tokens).
-    Each micro-batch's loss is weighted by its share of the answer tokens, so accumulation equals one big batch."""
+    Each micro-batch's loss is weighted by its share of the answer tokens, so accumulation equals one big batch.
+    Under DDP only the last micro-batch synchronises gradients."""
     optimizer.zero_grad(set_to_none=True)
     total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     loss_sum, samples = 0.0, 0
-    for batch in micro:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for k, batch in enumerate(micro):
+        batch = {key: v.to(device) for key, v in batch.items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = trained(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
-        (loss * tokens / max(total_tokens, 1)).backward()
+        sync = k == len(micro) - 1 or not hasattr(trained, "no_sync")
+        with contextlib.nullcontext() if sync else trained.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = trained(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+            (loss * tokens / max(total_tokens, 1)).backward()
         loss_sum += float(loss.detach()) * tokens
         samples += batch["input_ids"].shape[0]
     params = list(trainable_parameters(model).values())
