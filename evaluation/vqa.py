@@ -170,7 +170,7 @@ def expand_data(paths: Sequence[str], dataset: str) -> List[Path]:
 
 
 def load_questions(args) -> List[Any]:
-    from interpretation.data import DataFormatError, detect_format, read_records
+    from interpretation.data import DataFormatError, check_images_exist, detect_format, read_records
 
     records = []
     for path in expand_data(args.data, args.dataset):
@@ -184,6 +184,10 @@ def load_questions(args) -> List[Any]:
                 record.turns = record.turns[:1]
             record.extra["benchmark"] = benchmark_name(fmt, record.split, path)
         records.extend(items[: args.limit] if args.limit else items)
+    try:
+        check_images_exist(records, args.image_root)
+    except DataFormatError as error:
+        raise SystemExit(f"error: {error}") from None
     return records
 
 

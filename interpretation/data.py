@@ -272,3 +272,12 @@ def read_many(paths: Sequence[Union[str, Path]], data_format: str = "auto", imag
               captions: bool = False) -> List[VQARecord]:
     """:func:`read_records` over several files, concatenated in order."""
     return [r for p in paths for r in read_records(p, data_format, image_root, split, captions)]
+
+
+def check_images_exist(records: List[VQARecord], image_root) -> None:
+    """DataFormatError listing (up to 3 of) the records whose image file is missing."""
+    missing = [r for r in records if not Path(r.image).is_file()]
+    if missing:
+        shown = "; ".join(f"{r.source}: {r.image}" for r in missing[:3])
+        raise DataFormatError(f"{len(missing)} of {len(records)} image file(s) not found ({shown}); check --image-root "
+                              f"(now {image_root!r}) or the paths in the file")

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import FORMATS, DataFormatError, VQARecord, read_many
+from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
 from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError, ProjectorMismatchError
 from .vision_tower import FEATURE_KINDS, MedITokVisionTower
 
@@ -378,11 +378,12 @@ def prepare_run(args: argparse.Namespace) -> Run:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    torch.manual_seed(args.seed)
-    model = build_model(args, device)
     captions = args.stage == "A"
-    try:
+    try:  # the data first: a bad file fails in seconds, before a large model is loaded
         records = read_many(args.data, args.data_format, args.image_root, captions=captions)
+        check_images_exist(records, args.image_root)
+        torch.manual_seed(args.seed)
+        model = build_model(args, device)
         dataset = ConversationDataset(records, model, captions, args.max_length)
     except (DataFormatError, PromptError) as error:
         raise SystemExit(f"error: {error}") from None

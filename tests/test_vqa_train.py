@@ -199,3 +199,11 @@ def test_help_runs(module, capsys):
         parser.parse_args(["--help"])
     assert exit_info.value.code == 0
     assert "--data" in capsys.readouterr().out
+
+
+def test_missing_images_are_reported_before_training(setup, tmp_path):
+    args = args_for(setup, "B", tmp_path / "out")
+    args.image_root = str(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match=r"4 of 4 image file\(s\) not found \(.*qa\.csv:line 2: .*elsewhere/ct/"
+                                         r"thorax_vertebra\.png.*check --image-root"):
+        vqa_train.train(args)
