@@ -230,10 +230,13 @@ def breakdown_markdown(summaries: Sequence[Dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout (its examples) and shows every default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.vqa", description=__doc__.split("\n\n")[0],
-                                     epilog="Scoring conventions: docs/vqa.md.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m evaluation.vqa", description=__doc__, epilog="Details: docs/vqa.md.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--run", required=True, help="folder of a finished 'python -m interpretation.train --stage B' run")
     parser.add_argument("--data", nargs="+", required=True,
                         help="question file(s): VQA-RAD's 'VQA_RAD Dataset Public.json', SLAKE's validate.json / "

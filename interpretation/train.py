@@ -48,12 +48,16 @@ LORA_DIR = "lora"
 CHECKPOINT_FORMAT = "meditok-interpretation-v1"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout (its examples) and shows every default."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Arguments
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m interpretation.train", description=__doc__.split("\n\n")[0] + " See docs/vqa.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m interpretation.train", description=__doc__, epilog="Details: docs/vqa.md.",
+        formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of flag values (keys as below, with _ or -)")
     p.add_argument("--stage", choices=("A", "B"), required=False, default=None,
                    help="A: projector only on image-caption pairs; B: projector + LoRA on question-answer pairs")
