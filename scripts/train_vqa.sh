@@ -54,7 +54,7 @@ if [ -z "${EVAL_DATA:-}" ]; then EVAL_DATA=datasets/meta/vqa_examples_val.csv; E
 eval_flags=()
 [ -n "${EVAL_ROOT:-}" ] && eval_flags+=(--image-root "$EVAL_ROOT")
 # shellcheck disable=SC2086
-"$PYTHON" -m evaluation.vqa --run "$OUT/stageB" --data $EVAL_DATA "${eval_flags[@]}" --max-new-tokens 8 --out "$OUT/eval"
+"$PYTHON" -m evaluation.vqa --run "$OUT/stageB" --data $EVAL_DATA ${eval_flags[@]+"${eval_flags[@]}"} --max-new-tokens 8 --out "$OUT/eval"
 t3=$(date +%s)
 echo "[train_vqa] stage A $((t1 - start)) s, stage B $((t2 - t1)) s, evaluation $((t3 - t2)) s; total $((t3 - start)) s"
 echo "[train_vqa] look at: $OUT/eval/vqa.md, $OUT/stageA/metrics.jsonl, $OUT/stageB/metrics.jsonl"
