@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+from interpretation.tiny import MISTRAL_STYLE_CHAT_TEMPLATE, make_tiny_lm
 
-from interpretation.tiny import MISTRAL_STYLE_CHAT_TEMPLATE, make_tiny_lm  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def example_text() -> list:
