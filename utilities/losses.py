@@ -91,4 +91,8 @@ class GeneratorObjective:
     latent: torch.Tensor
 
     def backward(self, rec: torch.Tensor, scale: float) -> None:
-        torch.autograd.backward([rec, self.latent * scale], [self.rec_grad * scale, None])
+        outputs, grads = [rec], [self.rec_grad * scale]
+        if self.latent.requires_grad:  # no latent term declared: nothing more to carry
+            outputs.append(self.latent * scale)
+            grads.append(None)
+        torch.autograd.backward(outputs, grads)

@@ -277,38 +277,41 @@ class Trainer:
                 logs.update(self.backward(batch, 1.0 / len(batches), disc_active, disc_warm))
 
         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-        if not self._update(logs, disc_active):
-            return logs
+        self._update(logs, disc_active)
         with torch.no_grad():
             self.tokenizer.logit_scale.clamp_(0, math.log(100))
         if self.ema is not None:
             self.ema.update_parameters(self.tokenizer)
         return logs
 
-    def _update(self, logs: Dict[str, torch.Tensor], disc_active: bool) -> bool:
-        """The optimiser steps, unless the step was non-finite and ``--on-nonfinite skip`` (then False).
+    def _update(self, logs: Dict[str, torch.Tensor], disc_active: bool) -> None:
+        """The optimiser steps, skipped for a non-finite step under ``--on-nonfinite skip``.
 
-        Every step's finiteness (loss and gradient norm) is counted on the device; the step logger reads the
-        counters with the values it reduces anyway, so the check adds no host sync. Skipping needs the flag
-        before the update: fused optimisers (CUDA) take it as ``found_inf`` and skip on the device; on the
-        CPU the flag is read directly (a CPU tensor: no device to wait for)."""
-        finite = torch.isfinite(logs["loss/total"]) & torch.isfinite(logs["grad_norm"])
+        Every step's finiteness (loss, discriminator loss, gradient norm) is counted on the device; the step
+        logger reads the counters with the values it reduces anyway, so the check adds no host sync. Skipping
+        is decided on the gradient norm alone: it is computed from gradients DDP has already averaged, so every
+        rank takes the same decision (a NaN anywhere makes it NaN everywhere). Fused optimisers (CUDA) take the
+        flag as ``found_inf`` and skip on the device; on the CPU the flag is read directly (a CPU tensor: no
+        device to wait for)."""
+        grads_finite = torch.isfinite(logs["grad_norm"])
+        finite = grads_finite & torch.isfinite(logs["loss/total"])
+        if "loss/disc" in logs:
+            finite = finite & torch.isfinite(logs["loss/disc"])
         self.nonfinite_steps += (~finite).long()
         self.nonfinite_consecutive = (self.nonfinite_consecutive + 1) * (~finite).long()
         logs["nonfinite_steps"], logs["nonfinite_consecutive"] = self.nonfinite_steps, self.nonfinite_consecutive
         optimisers = [self.opt] + ([self.disc_opt] if disc_active else [])
         if self.args.on_nonfinite == "skip":
-            if not self.fused and not bool(finite):
+            if not self.fused and not bool(grads_finite):
                 for opt in optimisers:
                     opt.zero_grad(set_to_none=True)
-                return False
+                return
             if self.fused:
                 for opt in optimisers:
-                    opt.found_inf = (~finite).float()
+                    opt.found_inf = (~grads_finite).float()
         for opt in optimisers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return True
 
     def nonfinite_tensors(self) -> List[str]:
         """Names of trainable tensors (tokenizer, alignment head, discriminator heads) holding NaN/Inf; one
@@ -355,7 +358,9 @@ class Trainer:
             elif term.kind is LossKind.LATENT:
                 values[term.name] = term.fn(out).float()
                 latent = latent + term.weight * values[term.name]
-        objective = GeneratorObjective(torch.autograd.grad(nll, rec_in)[0], latent)
+        # (a run may declare no image-space term, e.g. all their weights 0: then ∂L/∂x̂ starts at zero)
+        rec_grad = torch.autograd.grad(nll, rec_in)[0] if nll.requires_grad else torch.zeros_like(rec_in)
+        objective = GeneratorObjective(rec_grad, latent)
         total = nll.detach() + latent.detach()
         logs: Dict[str, torch.Tensor] = {}
         adversarial = [t for t in self.loss_terms if t.kind is LossKind.ADVERSARIAL]
