@@ -135,3 +135,25 @@ def test_presets_build_with_the_paper_sizes():
         with torch.device("meta"):
             model = ARGenerator(get_ar_config(name, grid=(16, 16), num_labels=6))
         assert model.num_parameters() > 0 and model.L == 256
+
+
+def test_sampling_benchmark_runs_in_tiny_mode(tmp_path):
+    """CI smoke test of benchmarks/synthesis_benchmark.py (the GPU command is the same without --tiny)."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "synthesis_benchmark.py"
+    out = tmp_path / "bench.json"
+    argv = sys.argv
+    sys.argv = [str(script), "--tiny", "--out", str(out)]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exited.value.code == 0
+    result = json.loads(out.read_text())
+    assert [s["batch"] for s in result["sampling"]] == [2, 4] and result["sampling"][0]["images_per_s"] > 0
+    assert result["training"]["flops_per_image_fwd_bwd"] > 0
