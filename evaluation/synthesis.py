@@ -232,8 +232,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "gfid": "Fréchet distance of pytorch-fid InceptionV3 pool3 features, generated vs real images of each "
                     "modality, both uint8-quantised to [0, 1] and resized to 299 inside pytorch-fid; the Table 3 value is "
                     "the mean over modalities",
-            "diversity": "per modality, mean of (1 − MS-SSIM) over all distinct pairs of its samples (torchmetrics "
-                         "MS-SSIM, Gaussian window 11, σ 1.5, data range 1); then the mean over modalities"},
+            "diversity": "per modality, mean of (1 − MS-SSIM) over all distinct pairs of its samples (pytorch-msssim "
+                         "MS-SSIM: 5 scales, Gaussian window 11, σ 1.5, data range 1; images of 160 px or less: "
+                         "torchmetrics with fewer scales, noted per modality); then the mean over modalities"},
         "paper_table3": TABLE3_PAPER,
         "environment": environment(device),
         "command": ["python", "-m", "evaluation.synthesis"] + (sys.argv[1:] if argv is None else list(argv)),
