@@ -121,7 +121,7 @@ def evaluate(generated: Dict[str, Any], real: Dict[str, torch.Tensor], inception
         notes = []
         if name not in real:
             notes.append("no real images of this label")
-        elif min(row["generated"], row["real"]) < MIN_GFID_IMAGES:
+        elif fid is not None and min(row["generated"], row["real"]) < MIN_GFID_IMAGES:
             notes.append(f"fewer than {MIN_GFID_IMAGES} images: gFID not meaningful")
         if row["ms_ssim_scales"] is not None and row["ms_ssim_scales"] < 5:
             notes.append(f"MS-SSIM over {row['ms_ssim_scales']} scales (images < 161 px)")

@@ -157,3 +157,34 @@ def test_sampling_benchmark_runs_in_tiny_mode(tmp_path):
     result = json.loads(out.read_text())
     assert [s["batch"] for s in result["sampling"]] == [2, 4] and result["sampling"][0]["images_per_s"] > 0
     assert result["training"]["flops_per_image_fwd_bwd"] > 0
+
+
+def test_samples_npz_is_never_left_half_written(tmp_path, monkeypatch):
+    import numpy as np
+
+    from generation import sample
+
+    def crash_midway(handle, **arrays):
+        handle.write(b"PK partial zip")
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(np, "savez", crash_midway)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sample.save_npz_atomically(tmp_path / "samples.npz", images=np.zeros((1, 2, 2, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_refuses_a_tokenizer_other_than_the_caches(tmp_path):
+    import meditok
+    from generation.sample import load_decoder
+    from generation.token_cache import tokenizer_fingerprint
+
+    torch.manual_seed(0)
+    right = meditok.build_meditok("tiny")
+    torch.manual_seed(1)
+    meditok.save_meditok(meditok.build_meditok("tiny"), tmp_path / "other")
+    info = {"token_cache": {"tokenizer_fingerprint": tokenizer_fingerprint(right), "tokenizer_source": "runs/x"}}
+    with pytest.raises(ValueError) as error:
+        load_decoder(info, str(tmp_path / "other"), False, torch.device("cpu"), "generator.pth")
+    assert tokenizer_fingerprint(right)[:16] in str(error.value) and "--tokenizer" in str(error.value)
+    assert load_decoder(info, str(tmp_path / "other"), True, torch.device("cpu"), "generator.pth") is not None
