@@ -333,7 +333,8 @@ def write_token_cache(model: torch.nn.Module, source: ImageSource, out_dir: Path
             "codebook_size": int(getattr(config, "codebook_size", 4096)), "img_size": img_size, "grid": list(grid),
             "flip": flip, "num_images": len(source), "chunk_size": chunk_size, "label_names": names,
             "source": source.description}
-    _check_existing(out, plan)
+    if _finished(out, plan):
+        return out
     chunk_dir = out / CHUNKS_DIR
     if rank == 0:
         chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -380,11 +381,14 @@ def write_token_cache(model: torch.nn.Module, source: ImageSource, out_dir: Path
     return out
 
 
-def _check_existing(out: Path, plan: Dict[str, Any]) -> None:
+def _finished(out: Path, plan: Dict[str, Any]) -> bool:
+    """True when ``out`` already holds this exact cache; raises when it holds a different one."""
     manifest_path = out / MANIFEST_FILE
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        _compare_plans({k: manifest.get(k) for k in plan}, plan, manifest_path, finished=True)
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    _compare_plans({k: manifest.get(k) for k in plan}, plan, manifest_path, finished=True)
+    return True
 
 
 def _compare_plans(old: Dict[str, Any], new: Dict[str, Any], path: Path, finished: bool = False) -> None:

@@ -16,6 +16,15 @@ IMG = 32  # 2 × 2 token grid: enough to test the layout, cheap on 2 CPU cores
 LABELS = ["fundus", "ct_like", "fundus", "pathology", "ct_like"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two fighting over a busy CPU (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     torch.manual_seed(0)
@@ -154,3 +163,19 @@ def test_truncated_and_empty_caches_name_the_file(tokenizer, tmp_path):
         TokenCache(path)
     with pytest.raises(TokenCacheError, match=str(tmp_path / "nowhere")):
         TokenCache(tmp_path / "nowhere")
+
+
+def test_ranks_write_their_chunks_and_rank0_assembles_the_same_cache(tokenizer, tmp_path):
+    """What torchrun does, run one rank after the other: rank 1 tokenizes chunks 1, 3...; rank 0 the rest and
+    assembles. The result equals a one-process cache; running again on a finished cache reads nothing."""
+    csv_path = write_dataset(tmp_path)
+    for rank in (1, 0):
+        source = csv_source(csv_path, tmp_path, IMG)
+        write_token_cache(tokenizer, source, tmp_path / "ranks", img_size=IMG, batch_size=2, chunk_size=2,
+                          progress=False, rank=rank, world_size=2)
+    single = make_cache(tokenizer, tmp_path, tmp_path / "single")
+    assert np.array_equal(np.asarray(TokenCache(tmp_path / "ranks").ids), np.asarray(TokenCache(single).ids))
+    assert (tmp_path / "ranks" / "meta.csv").read_text() == (single / "meta.csv").read_text()
+    source = csv_source(csv_path, tmp_path, IMG)
+    source.dataset = CrashAfter(source.dataset, limit=0)   # any read would raise
+    write_token_cache(tokenizer, source, tmp_path / "ranks", img_size=IMG, batch_size=2, chunk_size=2, progress=False)
