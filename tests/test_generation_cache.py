@@ -179,3 +179,39 @@ def test_ranks_write_their_chunks_and_rank0_assembles_the_same_cache(tokenizer, 
     source = csv_source(csv_path, tmp_path, IMG)
     source.dataset = CrashAfter(source.dataset, limit=0)   # any read would raise
     write_token_cache(tokenizer, source, tmp_path / "ranks", img_size=IMG, batch_size=2, chunk_size=2, progress=False)
+
+
+def test_shards_folder_and_medmnist_sources_give_the_ids_of_their_images(tokenizer, tmp_path):
+    from meditok.data import write_shards
+    from generation.token_cache import folder_source, medmnist_source, shards_source
+
+    csv_path = write_dataset(tmp_path)
+    expected = reference_ids(tokenizer, tmp_path, len(LABELS))
+    # webdataset shards written by the project's converter, two shards
+    write_shards(csv_path, tmp_path / "shards", root=tmp_path, shard_size=3)
+    source = shards_source(str(tmp_path / "shards"), IMG)
+    assert source.labels == LABELS
+    cache = TokenCache(write_token_cache(tokenizer, source, tmp_path / "from_shards", img_size=IMG, batch_size=2,
+                                         chunk_size=2, progress=False))
+    assert torch.equal(torch.stack([cache[i]["ids"] for i in range(len(cache))]), expected)
+    # a folder with one sub-folder per label
+    for i, label in enumerate(LABELS):
+        (tmp_path / "folder" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "img{}.png".format(i)).rename(tmp_path / "folder" / label / f"img{i}.png")
+    source = folder_source(tmp_path / "folder", IMG)
+    cache = TokenCache(write_token_cache(tokenizer, source, tmp_path / "from_folder", img_size=IMG, progress=False))
+    order = [int(name.split("img")[1].split(".")[0]) for name in cache.identifiers]
+    assert torch.equal(torch.stack([cache[i]["ids"] for i in range(len(cache))]), expected[order])
+    assert [cache.modalities[i] for i in range(len(cache))] == [LABELS[j] for j in order]
+    # MedMNIST .npz: grayscale uint8 [N, 28, 28]; label = subset name
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "pneumoniamnist.npz", train_images=pixels, train_labels=np.zeros((3, 1)))
+    source = medmnist_source([tmp_path / "pneumoniamnist.npz"], "train", IMG)
+    cache = TokenCache(write_token_cache(tokenizer, source, tmp_path / "from_npz", img_size=IMG, progress=False))
+    images = torch.stack([eval_transform(IMG)(torch.from_numpy(p).float().div(127.5).sub(1)[None].expand(3, -1, -1))
+                          for p in pixels])
+    with torch.no_grad():
+        assert torch.equal(torch.stack([cache[i]["ids"] for i in range(3)]), tokenizer.img_to_idx(images))
+    assert cache.label_names == ["pneumoniamnist"]
+    with pytest.raises(TokenCacheError, match="val_images"):
+        medmnist_source([tmp_path / "pneumoniamnist.npz"], "val", IMG)
