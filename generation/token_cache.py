@@ -266,12 +266,29 @@ def _tokenize(model: torch.nn.Module, images: torch.Tensor, flip: bool, amp_dtyp
         return model.img_to_idx(images)
 
 
-def _batches(source: ImageSource, start: int, stop: int, batch_size: int, num_workers: int) -> Iterator[Dict[str, Any]]:
-    if source.iterable:
-        from itertools import islice
+class _Stream:
+    """Front-to-back reading of an iterable source (shards) shared by all chunks of one run, so each
+    sample is decoded once however many chunks there are (chunks must be asked for in increasing order)."""
 
+    def __init__(self, dataset):
+        self.iterator, self.position = iter(dataset), 0
+
+    def take(self, start: int, stop: int) -> Iterator[Dict[str, Any]]:
+        if start < self.position:
+            raise RuntimeError(f"stream at {self.position} cannot go back to {start}")
+        for _ in range(start - self.position):  # samples of chunks that are done or belong to other ranks
+            next(self.iterator)
+        self.position = start
+        while self.position < stop:
+            self.position += 1
+            yield next(self.iterator)
+
+
+def _batches(source: ImageSource, start: int, stop: int, batch_size: int, num_workers: int,
+             stream: Optional[_Stream] = None) -> Iterator[Dict[str, Any]]:
+    if source.iterable:
         buffer: List[Dict[str, Any]] = []
-        for sample in islice(iter(source.dataset), start, stop):
+        for sample in stream.take(start, stop):
             buffer.append(sample)
             if len(buffer) == batch_size:
                 yield _collate(buffer)
@@ -353,11 +370,12 @@ def write_token_cache(model: torch.nn.Module, source: ImageSource, out_dir: Path
     from tqdm import tqdm
 
     bar = tqdm(total=todo, unit="img", desc=f"tokenizing → {out.name}", disable=not progress or rank != 0)
+    stream = _Stream(source.dataset) if source.iterable and mine else None
     for chunk in mine:
         start, stop = chunk * chunk_size, min(len(source), (chunk + 1) * chunk_size)
         ids_parts, rows = [], []
         offset = start
-        for batch in _batches(source, start, stop, batch_size, num_workers):
+        for batch in _batches(source, start, stop, batch_size, num_workers, stream):
             ids_parts.append(_tokenize(model, batch["image"], flip, amp_dtype).to("cpu", torch.int32).numpy())
             for j, (caption, identifier) in enumerate(zip(batch["caption"], batch["identifier"])):
                 label = source.labels[offset + j]
