@@ -411,7 +411,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         step += 1
         seen += text.shape[0] * world
         for key, value in parts.items():
-            window[key] = window.get(key, 0.0) + float(value)
+            window[key] = window.get(key, 0.0) + float(value.detach())
         window["n"] = window.get("n", 0) + 1
         progress.update(1)
         if step % args.log_every == 0 or step == args.steps:
