@@ -1,0 +1,95 @@
+"""Diffusion trainer on a real (tiny) token cache: exact resume, samples written, clear errors; caption
+truncation is counted."""
+import json
+
+import pytest
+import torch
+
+from generation import tokenize_dataset
+from generation.diffusion import train as diffusion_train
+from generation.text import CaptionTruncationWarning, TextCodec, load_text_tokenizer, train_caption_tokenizer
+
+CSV, ROOT = "datasets/meta/examples_train.csv", "datasets/examples"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 32-px token cache of the bundled examples (random tiny tokenizer, 2×2 grid) + a caption tokenizer."""
+    base = tmp_path_factory.mktemp("diffusion")
+    cache = base / "cache"
+    assert tokenize_dataset.main(["--random-tokenizer", "tiny", "--csv", CSV, "--root", ROOT, "--out", str(cache),
+                                  "--img-size", "32", "--num-workers", "0"]) == 0
+    import csv
+    captions = [row["caption"] for row in csv.DictReader(open(CSV))]
+    tokenizer = train_caption_tokenizer(captions, base / "tokenizer", vocab_size=300)
+    return base, cache, tokenizer
+
+
+def run(setup, out, *extra):
+    base, cache, tokenizer = setup
+    return diffusion_train.main(["--cache", str(cache), "--text-tokenizer", str(tokenizer), "--preset", "tiny",
+                                 "--out", str(out), "--batch-size", "4", "--text-len", "64", "--log-every", "1",
+                                 "--save-every", "2", "--warmup-steps", "2", "--num-samples", "0", *extra])
+
+
+def test_exact_resume(setup, tmp_path):
+    assert run(setup, tmp_path / "straight", "--steps", "4") == 0
+    assert run(setup, tmp_path / "split", "--steps", "2") == 0
+    assert run(setup, tmp_path / "split", "--steps", "4", "--resume", "auto") == 0
+    a = torch.load(tmp_path / "straight/checkpoints/latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "split/checkpoints/latest.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines = [json.loads(l) for l in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(l) for l in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert [l["loss"] for l in lines] == [l["loss"] for l in straight]
+    assert (tmp_path / "straight/checkpoints/step_0000002.pt").is_file()
+
+
+def test_samples_written_and_decoded(setup, tmp_path):
+    assert run(setup, tmp_path / "run", "--steps", "1", "--num-samples", "2", "--sample-steps", "2") == 0
+    folder = tmp_path / "run/samples/step_0000001"
+    reports = json.loads((folder / "reports.json").read_text())
+    assert len(reports["image_to_text"]) == 2 and len(reports["joint"]) == 2
+    ids = torch.load(folder / "ids.pt")
+    assert ids["text_to_image"].shape == (2, 8, 4) and ids["text_to_image"].max() < 4096
+    for name in ("text_to_image", "joint", "real"):  # the cache's random tokenizer decodes them
+        assert (folder / f"{name}.png").stat().st_size > 0
+
+
+def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
+    assert run(setup, tmp_path / "a", "--steps", "2") == 0
+    # resuming with another preset/architecture
+    assert run(setup, tmp_path / "a", "--steps", "3", "--resume", "auto", "--text-len", "48") == 2
+    assert "text_len: checkpoint 64 vs requested 48" in capsys.readouterr().err
+    # a backbone with a from-scratch preset, and an unknown backbone folder
+    assert run(setup, tmp_path / "b", "--steps", "1", "--backbone", str(tmp_path / "nope")) == 2
+    assert "needs --preset hf" in capsys.readouterr().err
+    assert run(setup, tmp_path / "b", "--steps", "1", "--preset", "hf", "--backbone", str(tmp_path / "nope")) == 2
+    assert "is not a folder with a transformers config.json" in capsys.readouterr().err
+    # a cache folder that is not a cache
+    base, cache, tokenizer = setup
+    assert diffusion_train.main(["--cache", str(tmp_path), "--text-tokenizer", str(tokenizer), "--steps", "1",
+                                 "--out", str(tmp_path / "c")]) == 2
+    assert "manifest.json: not found" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_tokenizers_cache(setup, tmp_path, capsys):
+    assert run(setup, tmp_path / "run", "--steps", "1") == 0
+    payload = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=False)
+    payload["tokenizer_fingerprint"] = "0" * 64  # as if trained on another tokenizer's ids
+    torch.save(payload, tmp_path / "run/checkpoints/latest.pt")
+    assert run(setup, tmp_path / "run", "--steps", "2", "--resume", "auto") == 2
+    assert "ids of another MedITok" in capsys.readouterr().err
+
+
+def test_caption_truncation_is_counted(setup):
+    _, _, tokenizer = setup
+    codec = TextCodec(load_text_tokenizer(tokenizer), text_len=6)
+    with pytest.warns(CaptionTruncationWarning, match="1 of 2 captions exceeded the text budget of 6 tokens"):
+        ids = codec.encode(["ct", "axial contrast enhanced ct of the thorax centred on a vertebra"])
+    assert ids.shape == (2, 6) and codec.truncated == 1 and codec.seen == 2
+    assert ids[1, -1].item() == codec.eos  # the end token survives truncation
+    assert codec.decode(ids[:1]) == ["ct"]
