@@ -82,7 +82,7 @@ def run_sampling(model, codec, cache, rows: List[int], args, decoder) -> Dict[st
     device = next(model.parameters()).device
     options = SamplerOptions(steps=args.steps, method=args.method, temperature=args.temperature,
                              cfg_scale=args.cfg_scale, schedule="loglinear")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     grid = model.config.grid
     out: Dict[str, Any] = {"real_images": [], "captions": [], "labels": []}
     timing = {task: 0.0 for task in args.tasks}
@@ -117,13 +117,31 @@ def run_sampling(model, codec, cache, rows: List[int], args, decoder) -> Dict[st
     return out
 
 
-def image_metrics(fake: torch.Tensor, real: torch.Tensor, labels: List[int], names: Sequence[str], args) -> Dict[str, Any]:
-    """gFID / diversity per modality via evaluation.generation_metrics (shared with the AR generator)."""
-    from evaluation import generation_metrics
+def image_metrics(fake: torch.Tensor, real: torch.Tensor, labels: List[int], names: Sequence[str], args,
+                  network=None) -> Dict[str, Any]:
+    """gFID and diversity per modality with ``evaluation.generation_metrics`` (shared with the AR generator).
 
-    return generation_metrics.evaluate_generated(
-        fake=fake, real=real, labels=torch.tensor(labels), label_names=list(names),
-        inception_weights=args.inception, random_inception=args.random_inception, device=args.device)
+    fake, real: [N, 3, H, W] in [-1, 1], row i of both has label ``labels[i]``."""
+    from evaluation import generation_metrics
+    from evaluation.fid_inception import DEFAULT_INCEPTION_WEIGHTS, build_fid_inception
+    from evaluation.metrics import quantize_to_unit
+
+    if network is None:
+        network = build_fid_inception(args.inception or DEFAULT_INCEPTION_WEIGHTS,
+                                      random_weights=args.random_inception, device=args.device)
+    label_tensor = torch.tensor(labels)
+    groups_fake, groups_real = {}, {}
+    for index, name in enumerate(names):
+        chosen = label_tensor == index
+        if chosen.any():
+            groups_fake[name] = quantize_to_unit(fake[chosen]).to(args.device)
+            groups_real[name] = quantize_to_unit(real[chosen]).to(args.device)
+    fid = generation_metrics.gfid_per_modality(network, groups_fake, groups_real)
+    diversity = generation_metrics.diversity_over_modalities(
+        {name: images.cpu() for name, images in groups_fake.items() if len(images) >= 2})
+    return {"gfid_mean": fid["mean"], "gfid_std": fid["std"], "gfid_per_modality": fid["per_modality"],
+            "diversity_mean": diversity["mean"], "diversity_per_modality": diversity["per_modality"],
+            "images_per_modality": {name: len(images) for name, images in groups_fake.items()}}
 
 
 def agreement(args, decoder_source: str, results: Dict[str, Any]) -> Dict[str, Any]:
@@ -185,13 +203,18 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     rows = list(range(min(args.num_samples, len(cache))))
     results = run_sampling(model, codec, cache, rows, args, decoder)
     summary: Dict[str, Any] = {"speed": results["speed"], "tasks": {}}
+    network = None
+    if not args.no_image_metrics and {"text_to_image", "joint"} & set(args.tasks):
+        from evaluation.fid_inception import DEFAULT_INCEPTION_WEIGHTS, build_fid_inception
+        network = build_fid_inception(args.inception or DEFAULT_INCEPTION_WEIGHTS,
+                                      random_weights=args.random_inception, device=args.device)
     for task in args.tasks:
         entry: Dict[str, Any] = {}
         if task in ("image_to_text", "joint"):
             entry["report"] = report_metrics(results["captions"], results[task]["reports"])
         if task in ("text_to_image", "joint") and not args.no_image_metrics:
             entry["image"] = image_metrics(torch.cat(results[task]["images"]), torch.cat(results["real_images"]),
-                                           results["labels"], names, args)
+                                           results["labels"], names, args, network)
         summary["tasks"][task] = entry
     if args.align_checkpoint:
         summary["agreement"] = agreement(args, decoder_source, results)

@@ -137,11 +137,11 @@ def part_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t
     mask bool [B, L] / [B, N]; t [B]. Returns (loss averaged over the noised samples — 0 if none —,
     per-sample unweighted masked CE per token [B]) for logging.
     """
+    # Classes on the last, contiguous dim: much faster than a permuted class dim 1 on CPU.
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view(targets.shape)  # [B, 8, N] or [B, L]
     if logits.dim() == 4:  # image: positions carry 8 codes, mask is per position
-        ce = F.cross_entropy(logits.permute(0, 3, 1, 2), targets, reduction="none")  # [B, 8, N]
         ce = ce.mean(dim=1)  # [B, N]
-    else:
-        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, L]
     per_sample = (ce * mask).sum(dim=1) / mask.shape[1]  # [B]: Σ_masked CE / L_part
     noised = t > 0
     weight = torch.where(noised, schedule.weight(t.clamp_min(1e-12)), torch.zeros_like(t))

@@ -70,15 +70,16 @@ def guided_logits(model, text_ids, image_ids, t_text, t_image, labels, cfg_scale
 
 def draw(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]
          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """logits [..., V] → (ids [...], log-prob of the drawn id [...]); temperature 0 = argmax."""
+    """logits [..., V] → (ids [...], log-prob of the drawn id [...]); temperature 0 = argmax.
+
+    Draws by the Gumbel-max trick (argmax of logits/T + Gumbel noise) on the logits' device; ``generator``,
+    when given, must live on that device too."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if temperature == 0:
         ids = logp.argmax(dim=-1)
     else:
-        probs = F.softmax(logits.float() / temperature, dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1])
-        ids = torch.multinomial(flat.cpu() if generator is not None else flat, 1, generator=generator)
-        ids = ids.to(logits.device).view(probs.shape[:-1])
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
+        ids = (logits.float() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
     return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -107,7 +108,7 @@ def sample(model, *, task: str, labels: torch.Tensor, text_ids: Optional[torch.T
 
     task 'text_to_image' needs text_ids [B, Lt]; 'image_to_text' needs image_ids [B, 8, N]; 'joint' needs
     neither. labels [B] in [0, C] (C = null). Returns (text_ids [B, Lt], image_ids [B, 8, N]) with no mask
-    id left. Draws use ``generator`` (a CPU generator) for reproducibility.
+    id left. Draws use ``generator`` (on the model's device) for reproducibility.
     """
     if task not in SAMPLE_TASKS:
         raise ValueError(f"unknown sampling task {task!r}; choose one of {SAMPLE_TASKS}")
@@ -164,5 +165,5 @@ def _reveal(mask, confidence, n_generated, schedule, t, s, method, generator) ->
         return unmask_step(mask, confidence, reveal_count(n_generated, schedule, s).to(mask.device))
     m_t = schedule.mask_prob(torch.tensor(t)).item()
     m_s = schedule.mask_prob(torch.tensor(s)).item()
-    u = torch.rand(mask.shape, generator=generator).to(mask.device)
+    u = torch.rand(mask.shape, generator=generator, device=mask.device)
     return mask & (u < (m_t - m_s) / m_t)

@@ -289,7 +289,7 @@ def write_samples(model: JointDiffusionTransformer, codec: TextCodec, dataset: D
     image = torch.stack([it["ids"] for it in items]).long().to(device)
     labels = torch.tensor([int(it["label"]) for it in items], device=device)
     options = SamplerOptions(steps=steps)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, t2i = sample(model, task="text_to_image", labels=labels, text_ids=text, options=options, generator=g)
     i2t, _ = sample(model, task="image_to_text", labels=labels, image_ids=image, options=options, generator=g)
