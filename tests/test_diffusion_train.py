@@ -93,3 +93,26 @@ def test_caption_truncation_is_counted(setup):
     assert ids.shape == (2, 6) and codec.truncated == 1 and codec.seen == 2
     assert ids[1, -1].item() == codec.eos  # the end token survives truncation
     assert codec.decode(ids[:1]) == ["ct"]
+
+
+def test_trains_from_a_pretrained_hf_causal_lm(setup, tmp_path):
+    """preset hf: a tiny random Llama saved to disk with its tokenizer, cut to 1 of 3 layers, trains and resumes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, cache, tokenizer_dir = setup
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    backbone = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) + 8, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)  # the backbone's own tokenizer is the default text tokenizer
+    args = ["--cache", str(cache), "--preset", "hf", "--backbone", str(backbone), "--num-layers", "1",
+            "--out", str(tmp_path / "run"), "--batch-size", "2", "--text-len", "64", "--num-samples", "0"]
+    assert diffusion_train.main(args + ["--steps", "1"]) == 0
+    payload = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=False)
+    assert payload["diffusion_config"]["num_layers"] == 1
+    assert sum(k.startswith("blocks.") and k.endswith("self_attn.q_proj.weight") for k in payload["model"]) == 1
+    assert diffusion_train.main(args + ["--steps", "2", "--resume", "auto"]) == 0
+    model, codec, _ = diffusion_train.load_for_inference(tmp_path / "run/checkpoints/latest.pt")
+    assert model.num_layers == 1 and codec.vocab_size == len(tokenizer)
