@@ -116,3 +116,26 @@ def test_trains_from_a_pretrained_hf_causal_lm(setup, tmp_path):
     assert diffusion_train.main(args + ["--steps", "2", "--resume", "auto"]) == 0
     model, codec, _ = diffusion_train.load_for_inference(tmp_path / "run/checkpoints/latest.pt")
     assert model.num_layers == 1 and codec.vocab_size == len(tokenizer)
+
+
+def test_sample_cli_all_tasks(setup, tmp_path, capsys):
+    from generation.diffusion import sample as sample_cli
+
+    base, cache, tokenizer = setup
+    assert run(setup, tmp_path / "run", "--steps", "1") == 0
+    ckpt = str(tmp_path / "run/checkpoints/latest.pt")
+    common = ["--checkpoint", ckpt, "--num", "3", "--batch-size", "2", "--steps", "2", "--out", str(tmp_path / "gen"),
+              "--device", "cpu"]
+    assert sample_cli.main(common + ["--task", "text_to_image", "--prompt", "axial ct", "--label", "ct",
+                                     "--meditok", str(cache / "tokenizer")]) == 0
+    assert sample_cli.main(common + ["--task", "image_to_text", "--cache", str(cache)]) == 0
+    assert sample_cli.main(common + ["--task", "joint", "--label", "mri", "--cfg-scale", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "text tokens/s" in printed
+    t2i = torch.load(tmp_path / "gen/text_to_image_ids.pt")
+    assert t2i.shape == (3, 8, 4) and (tmp_path / "gen/text_to_image.png").is_file()
+    reports = json.loads((tmp_path / "gen/image_to_text.json").read_text())
+    assert len(reports["reports"]) == 3 and len(reports["references"]) == 3
+    assert json.loads((tmp_path / "gen/joint.json").read_text())["labels"] == ["mri"] * 3
+    assert sample_cli.main(common + ["--task", "joint", "--label", "xray"]) == 2
+    assert "is not one of the model's labels" in capsys.readouterr().err
