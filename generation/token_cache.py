@@ -329,7 +329,8 @@ def write_token_cache(model: torch.nn.Module, source: ImageSource, out_dir: Path
     config = getattr(model, "config", None)
     grid = (img_size // 16, img_size // 16)
     plan = {"format": CACHE_FORMAT, "tokenizer_fingerprint": fingerprint,
-            "tokenizer_preset": getattr(config, "preset", None), "img_size": img_size, "grid": list(grid),
+            "tokenizer_preset": getattr(config, "preset", None),
+            "codebook_size": int(getattr(config, "codebook_size", 4096)), "img_size": img_size, "grid": list(grid),
             "flip": flip, "num_images": len(source), "chunk_size": chunk_size, "label_names": names,
             "source": source.description}
     _check_existing(out, plan)
@@ -528,6 +529,10 @@ class TokenCache(Dataset):
     @property
     def num_codebooks(self) -> int:
         return int(self.ids.shape[1])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.manifest.get("codebook_size", 4096))
 
     @property
     def img_size(self) -> int:
