@@ -80,7 +80,6 @@ def test_agreement_needs_a_stage2_head(tmp_path):
 
 
 def test_evaluation_cli_end_to_end(tmp_path, stage2_checkpoint):
-    pytest.importorskip("evaluation.generation_metrics")
     from evaluation import diffusion as evaluation_diffusion
     from generation import tokenize_dataset
     from generation.diffusion import train as diffusion_train
@@ -97,7 +96,7 @@ def test_evaluation_cli_end_to_end(tmp_path, stage2_checkpoint):
     path, clip, *_ = stage2_checkpoint
     out = tmp_path / "eval"
     assert evaluation_diffusion.main(["--checkpoint", str(tmp_path / "run/checkpoints/latest.pt"), "--cache", str(cache),
-                                      "--out", str(out), "--num-samples", "6", "--batch-size", "3", "--steps", "2",
+                                      "--out", str(out), "--num-samples", "4", "--batch-size", "4", "--steps", "2",
                                       "--random-inception", "--align-checkpoint", str(path), "--biomedclip", str(clip),
                                       "--device", "cpu"]) == 0
     result = json.loads((out / "diffusion_eval.json").read_text())
