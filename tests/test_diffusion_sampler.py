@@ -80,3 +80,20 @@ def test_bad_options():
         SamplerOptions(method="greedy")
     with pytest.raises(ValueError, match="steps=0"):
         SamplerOptions(steps=0)
+
+
+def test_benchmark_writes_json(tmp_path):
+    """benchmarks/diffusion_benchmark.py in its smallest setting (a subprocess: nothing imports a script)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "benchmarks/diffusion_benchmark.py", "--img-size", "32", "--text-len", "8",
+                    "--text-vocab-size", "50", "--batch", "2", "--sample-batch", "2", "--sample-steps", "2", "3",
+                    "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)], check=True)
+    result = json.loads(out.read_text())
+    assert result["grid"] == [2, 2] and set(result["sampling"]) == {"2", "3"}
+    for tasks in result["sampling"].values():
+        assert tasks["text_to_image"]["images_per_s"] > 0 and tasks["image_to_text"]["text_tokens_per_s"] > 0
+    assert result["train"]["samples_per_s"] > 0
