@@ -151,3 +151,22 @@ def test_bad_backbone_and_preset_errors(tmp_path, tiny_llama_dir):
     text, image, t1, t2, labels = inputs(tiny_config())
     with pytest.raises(DiffusionConfigError, match="different image sizes"):
         model(text, image[:, :, :4], t1, t2, labels)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_other_hf_families_truncate_and_attend_both_ways(tmp_path, family):
+    """Qwen 2 (SDPA) and Gemma 2 (no SDPA path: eager attention, √d embedding scale) load the same way."""
+    import transformers
+
+    config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model_cls(config_cls(vocab_size=V + 10, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=128)).save_pretrained(tmp_path)
+    cfg = get_config("hf", backbone=str(tmp_path), num_layers=2, text_vocab_size=V, codebook_size=K, grid=(2, 3),
+                     text_len=6, condition_names=["ct", "mri"], condition_dropout=0.0)
+    model = JointDiffusionTransformer(cfg)
+    assert model.num_layers == 2
+    assert all(block.layer.self_attn.is_causal is False for block in model.blocks)
+    assert_bidirectional(randomise(model), cfg)

@@ -227,14 +227,26 @@ def load_hf_backbone(path: Union[str, Path], num_layers: int = 0, dtype: Optiona
     hf_config.num_hidden_layers = keep  # never builds (or loads) the layers that would be cut
     if hasattr(hf_config, "layer_types") and hf_config.layer_types is not None:
         hf_config.layer_types = list(hf_config.layer_types)[:keep]
-    kwargs = {"attn_implementation": "sdpa"}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the cut layers' weights are "unexpected keys": one line below instead
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, attn_implementation="sdpa", **kwargs)
+        except ValueError as error:
+            if "scaled_dot_product_attention" not in str(error):
+                raise
+            # e.g. Gemma 2 (attention soft-capping): no SDPA path; eager attention is bidirectional without a mask too
+            model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, attn_implementation="eager", **kwargs)
     except ValueError as error:  # unknown architecture
         raise DiffusionConfigError(f"backbone {folder}: transformers cannot build {hf_config.model_type!r} as a "
                                    f"causal LM ({error})") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    print(f"[diffusion] backbone {folder.name} ({hf_config.model_type}): kept {keep} of {total} decoder layers, "
+          f"causal mask removed")
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
         raise DiffusionConfigError(f"backbone {folder} ({hf_config.model_type}) has no model.layers / "
