@@ -155,7 +155,7 @@ DERIVED_FROM = {
 }
 # Anatomy that the DICOM header does not state but the image shows as burnt-in annotation
 # ("LYMPH NODE", "Adult Echo", "3:PELVIS", "OB") or that the example set's captions established by
-# looking (CT_small, 693_*): (anatomy, how we know).
+# looking (CT_small, 693_*; eCT_Supplemental looked at for this corpus): (anatomy, how we know).
 ANATOMY_NOT_IN_HEADER = {
     "US1_": ("lymph_node", "burnt-in annotation 'LYMPH NODE'"),
     "examples_rgb_color": ("lymph_node", "burnt-in annotation 'LYMPH NODE'"),
@@ -168,6 +168,7 @@ ANATOMY_NOT_IN_HEADER = {
     "examples_ybr_color": ("heart", "echocardiogram cine (visual)"),
     "CT_small": ("chest", "thoracic vertebra and aorta (visual)"),
     "693_": ("head", "skull and brain (visual)"),
+    "eCT_Supplemental": ("head", "skull and brain (visual)"),
 }
 # Body-part words in BodyPartExamined / StudyDescription / SeriesDescription -> anatomy label.
 ANATOMY_WORDS = (
