@@ -75,6 +75,45 @@ def count_rows(csv_path: Path) -> int:
         return sum(1 for _ in handle) - 1
 
 
+def prepare_probe_data(args) -> dict[str, dict]:
+    """Per probe label, CSVs of the corpus's train/val/test rows restricted to classes present in both
+    train and test (a class seen only in test cannot be learnt by a probe; with the split by source, most
+    anatomy labels are in one split only), without 'unspecified'. Returns {label: {split: csv path or
+    None, "classes": [...]}}; the CSVs keep identifiers relative to the corpus folder."""
+    import csv
+
+    meta = args.corpus / "meta"
+    rows = {}
+    for split in ("train", "val", "test"):
+        with open(meta / f"{args.kind}_{split}.csv", newline="", encoding="utf-8") as handle:
+            rows[split] = list(csv.DictReader(handle))
+    probe_data = {}
+    for label in PROBE_LABELS:
+        classes = sorted(({r[label] for r in rows["train"]} & {r[label] for r in rows["test"]})
+                         - {"unspecified"})
+        entry: dict = {"classes": classes}
+        for split in ("train", "val", "test"):
+            kept = [r for r in rows[split] if r[label] in classes]
+            path = args.out / "probe_data" / f"{label}_{split}.csv"
+            entry[f"n_{split}"] = len(kept)
+            if not kept:
+                entry[split] = None
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(kept[0].keys()), lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(kept)
+            entry[split] = path
+        if len(classes) < 2 or entry["train"] is None or entry["test"] is None:
+            raise SystemExit(f"the {label} probe needs >= 2 classes present in both train and test of "
+                             f"{meta}; found {classes}. Build the corpus with more packages.")
+        probe_data[label] = entry
+        print(f"probe '{label}': classes {classes}; tiles train {entry['n_train']}, val {entry['n_val']}, "
+              f"test {entry['n_test']}", flush=True)
+    return probe_data
+
+
 def prepare_teachers(args, env: dict) -> tuple[Path, Path]:
     """(stage-1 vision teacher folder, stage-2 text teacher folder), made if missing."""
     tiny = REPO_ROOT / "external" / "tiny" / "biomedclip"
@@ -109,7 +148,7 @@ def train_command(args, stage: int, steps: int, out_dir: Path, teacher: Path, se
     return command
 
 
-def evaluate(args, tokenizer: Path, out_dir: Path, env: dict) -> dict:
+def evaluate(args, tokenizer: Path, out_dir: Path, env: dict, probe_data: dict) -> dict:
     meta = args.corpus / "meta"
     timings = {}
     rec = [sys.executable, "-m", "evaluation.reconstruction", "--checkpoint", str(tokenizer),
@@ -129,10 +168,10 @@ def evaluate(args, tokenizer: Path, out_dir: Path, env: dict) -> dict:
                "rfid_modality_avg": result["average_over_modalities"]["rfid"],
                "test_images": result["all_images"]["images"]}
     for label in PROBE_LABELS:
+        data = probe_data[label]
         probe = [sys.executable, "-m", "evaluation.linear_probe", "--checkpoint", str(tokenizer),
-                 "--train-csv", str(meta / f"{args.kind}_train.csv"),
-                 "--val-csv", str(meta / f"{args.kind}_val.csv"),
-                 "--test-csv", str(meta / f"{args.kind}_test.csv"), "--root", str(args.corpus),
+                 "--train-csv", str(data["train"]), "--test-csv", str(data["test"]), "--root", str(args.corpus),
+                 *(["--val-csv", str(data["val"])] if data["val"] is not None else []),
                  "--label-column", label, "--name", f"corpus_{label}", "--img-size", str(args.img_size),
                  "--epochs", str(args.probe_epochs), "--out", str(out_dir / f"probe_{label}"),
                  "--cache-dir", str(out_dir / "probe_cache"), "--num-workers", "0", "--quiet"]
@@ -140,7 +179,8 @@ def evaluate(args, tokenizer: Path, out_dir: Path, env: dict) -> dict:
         rows = json.loads((out_dir / f"probe_{label}" / "linear_probe.json").read_text())["results"]
         for row in rows:
             # The test metrics at the epoch of best validation AUC do not look at the test set.
-            metrics[f"{label}_auc_{row['features']}"] = row.get("val_selected_auc", row["best_auc"])
+            selected = row.get("val_selected_auc")
+            metrics[f"{label}_auc_{row['features']}"] = selected if selected is not None else row["best_auc"]
             metrics[f"{label}_peak_auc_{row['features']}"] = row["best_auc"]
     return {**metrics, **timings}
 
@@ -234,6 +274,7 @@ def main(argv=None) -> int:
     n_train = count_rows(args.corpus / "meta" / f"{args.kind}_train.csv")
     start = time.perf_counter()
     vision_teacher, text_teacher = prepare_teachers(args, env)
+    probe_data = prepare_probe_data(args)
     results = []
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
@@ -248,7 +289,7 @@ def main(argv=None) -> int:
             train_s = run(command, seed_dir / "logs" / f"train_{setting}.log", env)
             record = {"setting": setting, "seed": seed, "stage": stage, "steps": steps, "train_s": train_s,
                       **final_losses(run_dir)}
-            record.update(evaluate(args, run_dir / "tokenizer", run_dir / "eval", env))
+            record.update(evaluate(args, run_dir / "tokenizer", run_dir / "eval", env, probe_data))
             results.append(record)
             print(f"  {setting} seed {seed}: PSNR {record['psnr']:.2f} SSIM {record['ssim']:.2f} "
                   f"modality AUC (pooled) {record.get('modality_auc_pooled')}", flush=True)
@@ -258,6 +299,8 @@ def main(argv=None) -> int:
     payload = {"task": "miniature two-stage ablation (docs/miniature.md)", "config": config,
                "smoke": args.smoke, "vision_teacher": str(vision_teacher), "text_teacher": str(text_teacher),
                "total_s": total_s, "summary": summary_rows, "runs": results,
+               "probe_classes": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()}
+                                 for k, v in probe_data.items()},
                "command": " ".join([Path(sys.executable).name, "scripts/miniature.py"] + (argv or sys.argv[1:]))}
     title = "# Miniature two-stage ablation" + (" — SMOKE RUN (numbers meaningless)" if args.smoke else "")
     markdown = "\n\n".join([title, f"Command: `{payload['command']}`; total {total_s:.0f} s.", table, ""])
