@@ -875,7 +875,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "datasets" / "corpus" / "build",
-                        help="output folder; REPLACED on every run (default: %(default)s)")
+                        help="output folder, replaced on every run; must be new, empty or an earlier build "
+                        "(default: %(default)s)")
     parser.add_argument("--sources", nargs="+", choices=sorted(PACKAGES), default=list(PACKAGES),
                         metavar="PACKAGE",
                         help="packages to take images from (default: all of "
@@ -892,8 +893,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if not 0.0 <= value < 0.5:
             parser.error(f"--{flag.replace('_', '-')} {value} must be in [0, 0.5)")
-    if args.out.resolve() == REPO_ROOT or args.out.resolve() in REPO_ROOT.parents:
-        parser.error(f"--out {args.out} would replace the repository; choose a build folder")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "counts.json").is_file():
+        # The folder is replaced on every run: never delete one this script did not write.
+        parser.error(f"--out {args.out} exists, is not empty and is not a corpus build (no counts.json); "
+                     "choose a new or empty folder")
     return args
 
 
