@@ -167,3 +167,12 @@ def test_minilm_text_teacher_gives_the_sentence_embedding(tmp_path):
     mask = encoded["attention_mask"].unsqueeze(-1).float()
     reference = (hidden * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep me")
+    with pytest.raises(AssertionError):  # run_builder asserts exit code 0; argparse exits with 2
+        run_builder(precious)
+    assert (precious / "data.txt").read_text() == "keep me"

@@ -95,6 +95,8 @@ NEAR_DUPLICATE_CORRELATION = 0.95
 # most this fraction of it is background.
 MAX_TILE_BACKGROUND = 0.5
 PNG_COMPRESS_LEVEL = 6
+# Marks a folder this script wrote (and may therefore replace).
+BUILD_MARKER = ".build_corpus"
 # Fixed tar member time, so the shards are byte-reproducible.
 SHARD_MTIME = 0.0
 
@@ -863,6 +865,7 @@ def build(out: Path, names: list[str], val_fraction: float = 0.1, test_fraction:
         # A stale file from an earlier build with other packages would break byte-identity.
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / BUILD_MARKER).write_text("written by scripts/data/build_corpus.py; replaced on every run\n")
     counts = write_outputs(out, rows, state, shard_size, progress)
     write_readme(out, counts, names, state)
     return counts, state
@@ -893,9 +896,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if not 0.0 <= value < 0.5:
             parser.error(f"--{flag.replace('_', '-')} {value} must be in [0, 0.5)")
-    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "counts.json").is_file():
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / BUILD_MARKER).is_file():
         # The folder is replaced on every run: never delete one this script did not write.
-        parser.error(f"--out {args.out} exists, is not empty and is not a corpus build (no counts.json); "
+        parser.error(f"--out {args.out} exists, is not empty and is not a corpus build (no {BUILD_MARKER}); "
                      "choose a new or empty folder")
     return args
 
