@@ -144,7 +144,12 @@ def train_command(args, stage: int, steps: int, out_dir: Path, teacher: Path, se
         "--biomedclip", str(teacher), "--seed", str(seed), "--output_dir", str(out_dir),
         "--num_workers", str(args.num_workers), "--log_every", str(max(1, steps // 10)),
         "--vis_every", "0", "--save_every", "0", "--init_from", str(init_from) if init_from else "",
+        # The CPU configs differ here (stage 1 starts the discriminator after 5 epochs, stage 2 at
+        # once); (i) and (ii) must differ only in their alignment target, so one rule for all runs.
+        "--use_disc", "true" if args.use_disc else "false",
     ]
+    if args.use_disc:
+        command += ["--disc_start_epochs", "0", "--disc_warmup_epochs", f"{warmup_epochs:.6f}"]
     return command
 
 
@@ -247,6 +252,8 @@ def parse_args(argv):
     parser.add_argument("--fid", action="store_true", help="also compute rFID (random Inception unless "
                         "--inception-weights; a random network's FID is NOT the paper's rFID)")
     parser.add_argument("--inception-weights", type=Path, default=None, help="pt_inception-2015-12-05 file")
+    parser.add_argument("--use-disc", action="store_true", help="train every run with the DINO "
+                        "discriminator from its first step (default: off for every run)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process "
                         "(default: %(default)s)")
