@@ -39,6 +39,7 @@ from meditok.data import (
     read_volume,
     rgb_proxy,
 )
+from meditok.data.packaged import block_mean, collapse_gray
 from meditok.data.slicing import CT_HU_CLIP, ct_png_values, save_png, signed_to_uint8
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,14 +69,6 @@ def skimage_file(name: str) -> Path:
 # ----- pixel helpers (all deterministic, integer-exact where possible)
 
 
-def block_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
-    """Downsample by an integer factor, averaging factor x factor blocks (crops the remainder)."""
-    rows, cols = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
-    trimmed = pixels[:rows, :cols].astype(np.float64)
-    shape = (rows // factor, factor, cols // factor, factor) + pixels.shape[2:]
-    return trimmed.reshape(shape).mean(axis=(1, 3))
-
-
 def upsample(pixels: np.ndarray, factor: int) -> np.ndarray:
     """Upsample uint8 pixels by an integer factor with Pillow's bicubic filter."""
     image = Image.fromarray(pixels)
@@ -91,12 +84,7 @@ def box_resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def to_uint8(image_signed) -> np.ndarray:
     """read_image output [3, H, W] in [-1, 1] -> uint8 [H, W] if gray, else [H, W, 3]."""
-    pixels = signed_to_uint8(image_signed.permute(1, 2, 0).numpy())
-    if np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(
-        pixels[..., 1], pixels[..., 2]
-    ):
-        return pixels[..., 0]
-    return pixels
+    return collapse_gray(signed_to_uint8(image_signed.permute(1, 2, 0).numpy()))
 
 
 def ct_pixels(
