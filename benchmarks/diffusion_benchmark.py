@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generation.diffusion.masking import MaskSchedule, diffusion_loss  # noqa: E402
-from generation.diffusion.model import JointDiffusionTransformer, get_config  # noqa: E402
-from generation.diffusion.sampler import SAMPLE_TASKS, SamplerOptions, sample  # noqa: E402
+from generation.diffusion.masking import MaskSchedule, diffusion_loss
+from generation.diffusion.model import JointDiffusionTransformer, get_config
+from generation.diffusion.sampler import SAMPLE_TASKS, SamplerOptions, sample
 
 
 def sync(device: torch.device) -> None:

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generation.ar_model import ARGenerator, get_ar_config  # noqa: E402
-from generation.sample import generate  # noqa: E402
-from generation.train_ar import PEAK_BF16_TFLOPS, TrainConfig, count_training_flops, make_optimizer  # noqa: E402
+from generation.ar_model import ARGenerator, get_ar_config
+from generation.sample import generate
+from generation.train_ar import PEAK_BF16_TFLOPS, TrainConfig, count_training_flops, make_optimizer
 
 
 def sync(device: torch.device) -> None:

@@ -53,9 +53,8 @@ from PIL import Image
 from tqdm import tqdm
 
 # Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from meditok.data import (  # noqa: E402
+from meditok.data import (
     ImageQualityThresholds,
     MedicalImageError,
     image_rejection_reasons,
@@ -65,7 +64,7 @@ from meditok.data import (  # noqa: E402
     read_volume,
     write_shards,
 )
-from meditok.data.packaged import (  # noqa: E402
+from meditok.data.packaged import (
     block_mean,
     collapse_gray,
     package_dir,
@@ -73,9 +72,9 @@ from meditok.data.packaged import (  # noqa: E402
     signed_to_uint16,
     tile_origins,
 )
-from meditok.data.reading import AXIS_NAMES  # noqa: E402
-from meditok.data.slicing import CT_HU_CLIP, ct_png_values, save_png, signed_to_uint8  # noqa: E402
-from meditok.data.windows import CT_PNG_HU_OFFSET  # noqa: E402
+from meditok.data.reading import AXIS_NAMES
+from meditok.data.slicing import CT_HU_CLIP, ct_png_values, save_png, signed_to_uint8
+from meditok.data.windows import CT_PNG_HU_OFFSET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CSV_COLUMNS = ("identifier", "caption", "modality", "anatomy", "source", "licence", "split")
@@ -467,7 +466,7 @@ VOLUMES = (
 
 
 def read_percentile_16bit(path: Path) -> np.ndarray:
-    """High-bit-depth grayscale file -> uint16, through the SPEC's 0.5-99.5 percentile window."""
+    """High-bit-depth grayscale file -> uint16, through the paper's 0.5-99.5 percentile window."""
     with Image.open(path) as image:
         raw = np.asarray(image)
     low, high = (float(v) for v in np.percentile(raw, (0.5, 99.5)))

@@ -90,7 +90,7 @@ def to_uint8(image_signed) -> np.ndarray:
 def ct_pixels(
     source: Path, factor: int = 1, crop: tuple[int, int, int, int] | None = None
 ) -> np.ndarray:
-    """CT DICOM -> uint16 HU + 1024, clipped to the SPEC's [-1000, 2000], optionally cropped
+    """CT DICOM -> uint16 HU + 1024, clipped to the paper's [-1000, 2000], optionally cropped
     (top, left, height, width) and block-averaged."""
     hu = read_ct_hu(source)[0].numpy().astype(np.float64)
     if crop is not None:
@@ -150,7 +150,7 @@ def examples() -> list[Example]:
     ihc = lambda: rgb_file(skimage_file("ihc.png"))  # noqa: E731
     cell = lambda: rgb_file(skimage_file("cell.png"))  # noqa: E731
     return [
-        # CT: 16-bit PNG holding HU + 1024 (SPEC §3)
+        # CT: 16-bit PNG holding HU + 1024 (docs/method.md §3)
         Example(
             "ct/thorax_vertebra.png",
             "ct",
@@ -195,7 +195,7 @@ def examples() -> list[Example]:
             "Close-up of an axial head CT showing the skull vault and the brain surface.",
             lambda: ct_pixels(pydicom_file("693_J2KI.dcm"), crop=(96, 128, 256, 256)),
         ),
-        # MRI: 8-bit PNG after the SPEC's percentile normalisation
+        # MRI: 8-bit PNG after the paper's percentile normalisation
         Example(
             "mri/abdomen_liver_lesion.png",
             "mri",
