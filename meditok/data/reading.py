@@ -725,7 +725,7 @@ def _to_signed_rgb(pixels: _DecodedPixels, window, name: str) -> torch.Tensor:
                 f"almost every pixel equals {low:g}, so a robust min-max has no range",
                 "pass window=(low, high), or drop the image (quality control drops it too)",
             )
-    gray = linear_window(values, low, high)
+    gray = linear_window(values.astype(np.float32), low, high)  # a writable copy for torch
     if pixels.invert:
         gray = -gray
     return gray[None].expand(3, -1, -1).contiguous()
