@@ -277,14 +277,14 @@ def csv_dataset(name: str, csvs: Dict[str, Path], root: Optional[Path], label_co
     if label_column:
         values = sorted({v.strip() for t in tables.values() for v in t[label_column]})
         if all(v.lstrip("-").isdigit() for v in values):
-            labels = {s: t[label_column].astype(int).to_numpy() for s, t in tables.items()}
+            labels = {s: t[label_column].astype(int).to_numpy(copy=True) for s, t in tables.items()}  # writable: torch warns on read-only views
         else:
             class_names = values
             index = {v: i for i, v in enumerate(values)}
             labels = {s: np.array([index[v.strip()] for v in t[label_column]]) for s, t in tables.items()}
     else:
         try:
-            labels = {s: t[list(label_columns)].astype(float).astype(int).to_numpy() for s, t in tables.items()}
+            labels = {s: t[list(label_columns)].astype(float).astype(int).to_numpy(copy=True) for s, t in tables.items()}
         except ValueError as error:
             raise ProbeDataError(f"multi-label columns {label_columns} must hold 0/1 ({error})") from None
     task, num_classes = infer_task(list(labels.values()), ", ".join(str(p) for p in csvs.values()))
