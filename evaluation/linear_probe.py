@@ -277,7 +277,8 @@ def csv_dataset(name: str, csvs: Dict[str, Path], root: Optional[Path], label_co
     if label_column:
         values = sorted({v.strip() for t in tables.values() for v in t[label_column]})
         if all(v.lstrip("-").isdigit() for v in values):
-            labels = {s: t[label_column].astype(int).to_numpy(copy=True) for s, t in tables.items()}  # writable: torch warns on read-only views
+            # copy=True: a writable array (torch warns on pandas' read-only copy-on-write views)
+            labels = {s: t[label_column].astype(int).to_numpy(copy=True) for s, t in tables.items()}
         else:
             class_names = values
             index = {v: i for i, v in enumerate(values)}
