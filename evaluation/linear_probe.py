@@ -1,7 +1,7 @@
 """Linear probe on a frozen tokenizer — the paper's Table 2 (MedMNIST v2, mAP and AUC) from one command.
 
-Protocol (docs/method.md §4): images resized to --img-size (256; MedMNIST's 224-px files in the paper), encoded by
-the frozen tokenizer; one linear layer trained with Adam (lr 1e-4, batch 128) on the train split; test
+Protocol (docs/method.md §4): images resized to --img-size (default: the tokenizer's own size, 256 for the
+released model, as in the paper; MedMNIST's 224-px files there), encoded by the frozen tokenizer; one linear layer trained with Adam (lr 1e-4, batch 128) on the train split; test
 metrics after every epoch; the best (peak) test mAP and the best test AUC over the epochs are reported,
 as in the paper. The test metrics at the epoch of best validation AUC are reported beside them when a
 validation split exists (a protocol that does not look at the test set).
@@ -17,8 +17,13 @@ ROC AUC averaged over classes (multi-class; binary tasks are 2-class, where this
 over labels (multi-label, e.g. ChestMNIST); mAP = average precision averaged the same way, except binary
 tasks: AP of the positive class (label 1), with the mean over both classes in a second column
 ("mAP 2-class"); ACC = argmax accuracy (multi-label: element-wise at 0.5). The average row covers the
-paper's five Table 2 datasets only; other datasets are averaged separately. Token ids and pooled features are cached under --cache-dir, keyed by the
-tokenizer's weights, the data file and the image size.
+paper's five Table 2 datasets only; other datasets are averaged separately. A class with fewer than
+10 train or test images (a label with fewer than 10 positives) gives a warning: its peaks are noise.
+
+Cache: token ids and pooled features are cached under --cache-dir (default: OUT/cache), keyed by the
+tokenizer's weights, the image size, the split and the SHA-1 of the contents of the data: the .npz file,
+or the CSV and every image file it lists. Changing any image therefore re-encodes (hashing costs one read of
+the files per run); --no-cache always re-encodes and writes nothing.
 
 Examples:
   # MedMNIST files as the medmnist package writes them (e.g. ~/.medmnist/breastmnist_224.npz)
@@ -53,8 +58,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from meditok.data import CSVImageDataset, MedicalImageError, eval_transform
+from meditok.data.samples import resolve_identifier
 
-from .metrics import class_log_odds, classification_metrics
+from .metrics import NonFiniteImageError, class_log_odds, classification_metrics, require_finite
 from .paper import PAPER, TABLE2_DATASETS, TABLE2_MEDITOK_AVERAGE
 from .report import environment, markdown_table, relative, write_outputs
 from .tokenizer import (add_tokenizer_arguments, encode_for_evaluation, grid_features_from_ids, labelled_warnings,
@@ -62,7 +68,8 @@ from .tokenizer import (add_tokenizer_arguments, encode_for_evaluation, grid_fea
 
 FEATURE_VARIANTS = ("grid", "pooled")
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by content hashes of the data (1: by the CSV's size and mtime only)
+MIN_IMAGES_PER_CLASS = 10  # fewer train or test images of a class: warn that its metrics are noise
 MULTI_CLASS, MULTI_LABEL = "multi-class", "multi-label"
 
 PROTOCOL = {
@@ -182,6 +189,7 @@ class ProbeDataset:
     class_names: Optional[List[str]] = None
     root: Optional[Path] = None
     notes: List[str] = field(default_factory=list)
+    content_hashes: Dict[str, str] = field(default_factory=dict)   # file → SHA-1, for this run only
 
     @property
     def splits(self) -> List[str]:
@@ -209,6 +217,25 @@ def medmnist_dataset(path: Path, max_samples: Optional[int] = None) -> ProbeData
     if shape[1] < 224:
         dataset.notes.append(f"images are {shape[1]} px; the paper used MedMNIST's 224-px files (resized to 256)")
     return dataset
+
+
+def small_sample_warnings(dataset: ProbeDataset, minimum: int = MIN_IMAGES_PER_CLASS) -> List[str]:
+    """One warning per split that has a class (multi-label: a label's positives) with fewer than ``minimum``
+    images, which makes that class's AUC/AP, and a peak over epochs of them, mostly noise."""
+    warnings = []
+    for split in ("train", "test"):
+        labels = np.asarray(dataset.labels[split])
+        if dataset.task == MULTI_LABEL:
+            counts = labels.sum(axis=0)
+        else:
+            counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=dataset.num_classes)
+        names = dataset.class_names or [str(c) for c in range(len(counts))]
+        small = [f"{names[c]}: {int(n)}" for c, n in enumerate(counts) if n < minimum]
+        if small:
+            what = "positives per label" if dataset.task == MULTI_LABEL else "images per class"
+            warnings.append(f"{dataset.name}: few {split} {what} ({', '.join(small[:8])}"
+                            f"{' ...' if len(small) > 8 else ''}; fewer than {minimum}): its mAP/AUC are noise")
+    return warnings
 
 
 def how_to_download(name: str, size: int) -> str:
@@ -250,14 +277,15 @@ def csv_dataset(name: str, csvs: Dict[str, Path], root: Optional[Path], label_co
     if label_column:
         values = sorted({v.strip() for t in tables.values() for v in t[label_column]})
         if all(v.lstrip("-").isdigit() for v in values):
-            labels = {s: t[label_column].astype(int).to_numpy() for s, t in tables.items()}
+            # copy=True: a writable array (torch warns on pandas' read-only copy-on-write views)
+            labels = {s: t[label_column].astype(int).to_numpy(copy=True) for s, t in tables.items()}
         else:
             class_names = values
             index = {v: i for i, v in enumerate(values)}
             labels = {s: np.array([index[v.strip()] for v in t[label_column]]) for s, t in tables.items()}
     else:
         try:
-            labels = {s: t[list(label_columns)].astype(float).astype(int).to_numpy() for s, t in tables.items()}
+            labels = {s: t[list(label_columns)].astype(float).astype(int).to_numpy(copy=True) for s, t in tables.items()}
         except ValueError as error:
             raise ProbeDataError(f"multi-label columns {label_columns} must hold 0/1 ({error})") from None
     task, num_classes = infer_task(list(labels.values()), ", ".join(str(p) for p in csvs.values()))
@@ -280,14 +308,42 @@ def uint8_batch_to_model_input(batch: np.ndarray, img_size: int) -> torch.Tensor
     return eval_transform(img_size)(images.contiguous())
 
 
-def _file_fingerprint(path: Path) -> Dict[str, Any]:
-    stat = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def content_hash(path: Path, memo: Optional[Dict[str, str]] = None) -> str:
+    """SHA-1 of a file's contents ('missing' when there is no such file: extraction then names it).
+
+    ``memo`` (path → hash) lets the splits of one run share the hash of one .npz; it must not outlive the run,
+    since a file can change without changing its size or modification time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    key = str(path.resolve())
+    if memo is not None and key in memo:
+        return memo[key]
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha1").hexdigest()
+    if memo is not None:
+        memo[key] = digest
+    return digest
+
+
+def data_fingerprint(dataset: ProbeDataset, split: str, max_samples: Optional[int]) -> Dict[str, Any]:
+    """What the cached features of a split were computed from, by content: the .npz file's SHA-1, or the CSV's
+    SHA-1 and one SHA-1 over the (identifier, image SHA-1) of every image it lists (first max_samples rows)."""
+    source = Path(dataset.paths[split])
+    fingerprint = {"file": str(source.resolve()), "sha1": content_hash(source, dataset.content_hashes)}
+    if dataset.kind == "csv":
+        identifiers = pd.read_csv(source, dtype=str, keep_default_na=False)["identifier"].tolist()[:max_samples]
+        images = hashlib.sha1()
+        for identifier in identifiers:
+            images.update(f"{identifier}\0{content_hash(resolve_identifier(identifier, dataset.root))}\n".encode())
+        fingerprint.update({"images": len(identifiers), "images_sha1": images.hexdigest()})
+    return fingerprint
 
 
 def feature_cache_path(cache_dir: Path, dataset: ProbeDataset, split: str, img_size: int, tokenizer_key: str,
                        max_samples: Optional[int]) -> Tuple[Path, Dict[str, Any]]:
-    key = {"format": CACHE_FORMAT, "tokenizer": tokenizer_key, "data": _file_fingerprint(dataset.paths[split]),
+    key = {"format": CACHE_FORMAT, "tokenizer": tokenizer_key, "data": data_fingerprint(dataset, split, max_samples),
            "root": str(dataset.root.resolve()) if dataset.root else None, "split": split, "img_size": img_size,
            "max_samples": max_samples}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -336,6 +392,10 @@ def load_or_extract(model, dataset: ProbeDataset, split: str, *, img_size: int, 
             if len(features["ids"]) == len(dataset.labels[split]):
                 return features, f"cache {relative(path)}"
     features = extract_features(model, dataset, split, img_size, batch_size, num_workers, max_samples, progress)
+    try:
+        require_finite(torch.from_numpy(features["pooled"]), f"{dataset.name}/{split}: the tokenizer's pooled features")
+    except NonFiniteImageError as error:
+        raise ProbeDataError(f"{error}; its weights are probably broken") from None
     if len(features["ids"]) != len(dataset.labels[split]):
         raise ProbeDataError(f"{dataset.source}: {split} has {len(features['ids'])} images but "
                              f"{len(dataset.labels[split])} labels")
@@ -601,19 +661,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     probe = parser.add_argument_group("probe")
     probe.add_argument("--features", nargs="+", choices=FEATURE_VARIANTS, default=list(FEATURE_VARIANTS),
                        help="feature variants to probe (default: grid pooled)")
-    probe.add_argument("--img-size", type=int, default=256, metavar="PX", help="images are resized to this (default 256, the paper's)")
+    probe.add_argument("--img-size", type=int, default=None, metavar="PX",
+                       help="images are resized to this, a multiple of 16 (default: the tokenizer's own size, "
+                            "256 for the released model, the paper's)")
     probe.add_argument("--epochs", type=int, default=100, metavar="N", help="training epochs; peaks are taken over them (default 100)")
     probe.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the paper's)")
     probe.add_argument("--batch-size", type=int, default=128, metavar="N", help="probe batch size (default 128, the paper's)")
     probe.add_argument("--encode-batch-size", type=int, default=64, metavar="N", help="images per tokenizer batch (default 64)")
     probe.add_argument("--num-workers", type=int, default=2, metavar="N", help="DataLoader workers for CSV images (default 2)")
-    probe.add_argument("--cache-dir", type=Path, default=Path("outputs/linear_probe/cache"), metavar="DIR",
-                       help="where token ids / pooled features are cached (default outputs/linear_probe/cache)")
-    probe.add_argument("--no-cache", action="store_true", help="always re-encode, write no cache")
+    probe.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                       help="where token ids / pooled features are cached, keyed by the content of the data files and "
+                            "images (default: OUT/cache)")
+    probe.add_argument("--no-cache", action="store_true", help="always re-encode, read and write no cache")
     probe.add_argument("--out", type=Path, default=Path("outputs/linear_probe"), metavar="DIR", help="output folder (default outputs/linear_probe)")
     probe.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.img_size <= 0 or args.img_size % 16:
+    if args.img_size is not None and (args.img_size <= 0 or args.img_size % 16):
         parser.error(f"--img-size {args.img_size} must be a positive multiple of 16")
     has_csv = bool(args.train_csv or args.test_csv)
     if has_csv and not (args.train_csv and args.test_csv):
@@ -647,7 +710,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = next(model.parameters()).device
     codebooks = model.quantizer.normalized_codebooks().detach()
     tokenizer_key = tokenizer_fingerprint(model)
-    cache_dir = None if args.no_cache else args.cache_dir
+    img_size = args.img_size or model.config.img_size
+    cache_dir = None if args.no_cache else (args.cache_dir or args.out / "cache")
+    sample_warnings = [w for dataset in datasets for w in small_sample_warnings(dataset)]
     rows, history_rows, per_dataset, notes = [], [], [], []
     for dataset in datasets:
         notes += [f"{dataset.name}: {n}" for n in dataset.notes]
@@ -655,7 +720,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for split in dataset.splits:
             try:
                 features[split], status[split] = load_or_extract(
-                    model, dataset, split, img_size=args.img_size, batch_size=args.encode_batch_size,
+                    model, dataset, split, img_size=img_size, batch_size=args.encode_batch_size,
                     num_workers=args.num_workers, cache_dir=cache_dir, tokenizer_key=tokenizer_key,
                     max_samples=args.max_samples, progress=not args.quiet)
             except (MedicalImageError, ProbeDataError) as error:
@@ -695,9 +760,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     averages, other_averages = probe_averages(rows, args.features)
     info = {
         "task": "linear probe (paper Table 2)",
-        "warnings": labelled_warnings(tokenizer_info),
+        "warnings": labelled_warnings(tokenizer_info) + sample_warnings,
         "tokenizer": tokenizer_info,
-        "settings": {"img_size": args.img_size, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+        "settings": {"img_size": img_size, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                      "seed": args.seed, "features": args.features, "max_samples": args.max_samples},
         "protocol": PROTOCOL,
         "notes": notes,

@@ -35,11 +35,30 @@ SSIM_SETTINGS = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance"
 # Reconstruction
 
 
+class NonFiniteImageError(ValueError):
+    """An image or reconstruction holding NaN/Inf reached a metric; the message says which and how many."""
+
+
+def require_finite(images: torch.Tensor, what: str) -> torch.Tensor:
+    """``images`` unchanged when every value is finite, else :class:`NonFiniteImageError` naming ``what``
+    and the count. A NaN cast to uint8 becomes an arbitrary grey level, which would give a finite PSNR."""
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise NonFiniteImageError(f"{what}: {bad} of {finite.numel()} values are not finite (NaN/Inf); "
+                                  "no metric is computed from them")
+    return images
+
+
 def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[..., H, W] float in [-1, 1] (values outside are clipped) → uint8 in 0..255, round half to even.
 
     Same mapping as ``meditok.data.slicing.signed_to_uint8``, so saved PNGs and metrics agree.
+
+    Raises:
+        NonFiniteImageError: any value is NaN/Inf (there is no uint8 for it).
     """
+    require_finite(images, "quantize_to_uint8 input")
     return torch.round((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)
 
 
@@ -56,11 +75,13 @@ def psnr(reference: torch.Tensor, test: torch.Tensor, data_range: float = 1.0) -
         data_range: the scale's range (1 for [0, 1]).
 
     Returns:
-        float64 [B]; ``inf`` where the two images are identical.
+        float64 [B]; ``inf`` where the two images are identical; ``nan`` for an image where either side
+        holds NaN/Inf (never a finite number from non-finite pixels).
     """
     if reference.shape != test.shape:
         raise ValueError(f"psnr: shapes differ, {tuple(reference.shape)} vs {tuple(test.shape)}")
     mse = (reference.double() - test.double()).pow(2).flatten(1).mean(dim=1)
+    mse = torch.where(torch.isfinite(mse), mse, torch.full_like(mse, float("nan")))  # Inf pixels: nan, not -inf
     return 10.0 * torch.log10(data_range ** 2 / mse)
 
 

@@ -48,7 +48,7 @@ from meditok.data import CSVImageDataset, MedicalImageError, eval_transform, rea
 from meditok.data.windows import CT_WINDOWS, DEFAULT_CT_WINDOW
 
 from . import fid_inception
-from .metrics import GaussianStatistics, frechet_distance_of, psnr, quantize_to_uint8, ssim
+from .metrics import GaussianStatistics, NonFiniteImageError, frechet_distance_of, psnr, quantize_to_uint8, ssim
 from .paper import PAPER, TABLE1_MEDITOK_AVERAGE, TABLE1_MEDITOK_RFID, TABLE1_MODALITIES, table1_modality
 from .report import environment, markdown_table, relative, write_outputs
 from .tokenizer import add_tokenizer_arguments, encode_for_evaluation, labelled_warnings, load_tokenizer
@@ -227,7 +227,9 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, num_workers: int, ince
         if "image" not in batch:
             continue
         images = batch["image"].to(device, non_blocking=True)
+        refuse_non_finite(images, batch["identifier"], "image")
         reconstruction = encode_for_evaluation(model, images)["reconstruction"]
+        refuse_non_finite(reconstruction, batch["identifier"], "reconstruction (the tokenizer's output) of")
         original_u8, reconstruction_u8 = quantize_to_uint8(images).cpu(), quantize_to_uint8(reconstruction).cpu()
         original01, reconstruction01 = original_u8.float() / 255, reconstruction_u8.float() / 255
         batch_psnr = psnr(original01, reconstruction01).tolist()
@@ -260,6 +262,18 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, num_workers: int, ince
             everything.add_features(original_features, reconstruction_features)
     worst = [(-e[0], e[2], e[3], e[4], e[5], e[6]) for e in sorted(worst_heap, key=lambda e: (-e[0], e[1]))]
     return {"groups": groups, "all": everything, "per_image": per_image, "worst": worst, "unreadable": unreadable}
+
+
+def refuse_non_finite(images: torch.Tensor, identifiers: Sequence[str], what: str) -> None:
+    """NonFiniteImageError naming the images of a batch [B, ...] that hold NaN/Inf: they have no PSNR.
+
+    meditok.data's readers already refuse such files; this catches a transform or a tokenizer that makes them.
+    """
+    finite = torch.isfinite(images.flatten(1)).all(dim=1).cpu()
+    if not bool(finite.all()):
+        bad = [str(identifiers[i]) for i in torch.nonzero(~finite).flatten().tolist()]
+        raise NonFiniteImageError(f"the {what} {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} holds NaN/Inf "
+                                  "values: no PSNR/SSIM/rFID is computed from them")
 
 
 def order_groups(names: Sequence[str]) -> List[str]:
@@ -458,6 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           worst_k=args.worst, progress=not args.quiet)
     except MedicalImageError as error:
         raise SystemExit(f"error: {error}\n(pass --on-error skip to skip unreadable images)") from None
+    except NonFiniteImageError as error:
+        raise SystemExit(f"error: {error}") from None
     summary = summarise(result, args.min_fid_images, inception is not None)
     worst = save_worst_figures(result["worst"], args.out) if result["worst"] else []
     notes = [row["note"] for row in summary["per_modality"] if row["note"]]

@@ -46,7 +46,7 @@ from meditok.data.windows import CT_WINDOWS, DEFAULT_CT_WINDOW, ct_window, windo
 
 from . import fid_inception
 from .linear_probe import MULTI_CLASS, FeatureTable, infer_task, train_linear_probe
-from .metrics import GaussianStatistics, frechet_distance_of, quantize_to_uint8, ssim
+from .metrics import GaussianStatistics, NonFiniteImageError, frechet_distance_of, quantize_to_uint8, require_finite, ssim
 from .paper import PAPER, TABLE_S2_MEDITOK
 from .reconstruction import add_inception_arguments, build_inception
 from .report import environment, markdown_table, relative, write_outputs
@@ -83,6 +83,9 @@ def list_volumes(args: argparse.Namespace) -> pd.DataFrame:
             raise MedicalImageError(args.csv, f"missing column(s) {missing}; columns present: {list(table.columns)}",
                                     "a volume CSV needs identifier (volume path) and modality; label and split "
                                     "(train/val/test) for probing")
+        if len(table) == 0:
+            raise MedicalImageError(args.csv, "volume CSV has no rows (only a header, or empty)",
+                                    "list one volume per row: identifier (volume path), modality[, label, split]")
         root = args.root
         paths = [Path(i) if Path(i).is_absolute() or root is None else root / i for i in table["identifier"]]
         rows = pd.DataFrame({"identifier": table["identifier"], "path": [str(p) for p in paths],
@@ -92,6 +95,10 @@ def list_volumes(args: argparse.Namespace) -> pd.DataFrame:
         return rows
     if not args.modality:
         raise SystemExit("error: --volumes needs --modality (ct, or mri / any other for percentile normalisation)")
+    missing = [str(p) for p in args.volumes if not p.exists()]
+    if missing:
+        raise SystemExit(f"error: volume(s) not found: {', '.join(missing)}; check the --volumes paths (NIfTI files, "
+                         "DICOM series folders or multi-frame DICOMs)")
     return pd.DataFrame({"identifier": [str(p) for p in args.volumes], "path": [str(p) for p in args.volumes],
                          "modality": args.modality.strip().lower(), "label": "", "split": ""})
 
@@ -120,16 +127,21 @@ def evaluate_volume(model, slices: torch.Tensor, batch_size: int, inception=None
     Args:
         slices: [n, 3, S, S] in [-1, 1] (grey repeated to RGB).
 
+    Raises:
+        NonFiniteImageError: the slices or their reconstructions hold NaN/Inf (no PSNR exists for them).
+
     Returns a dict: psnr (dB, over all voxels), ssim (fraction, mean over slices), mse, slices (n),
     grid_mean [L·64] and pooled_mean [vit_width] (mean over slices), original/reconstruction Inception
     features [n, 2048] (if inception), worst_slice (index of the lowest-PSNR slice).
     """
     device = next(model.parameters()).device
+    require_finite(slices, "volume slices")
     originals, reconstructions, grids, pooled = [], [], [], []
     original_features, reconstruction_features = [], []
     for start in range(0, len(slices), batch_size):
         batch = slices[start:start + batch_size].to(device)
         out = encode_for_evaluation(model, batch)
+        require_finite(out["reconstruction"], f"reconstruction of slices {start}..{start + len(batch) - 1}")
         original = quantize_to_uint8(batch[:, 0]).cpu()
         reconstruction = quantize_to_uint8(out["reconstruction"].mean(dim=1)).cpu()
         originals.append(original)
@@ -279,12 +291,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     volumes, features = [], {"grid": {}, "pooled": {}}
     for i, row in tqdm(list(table.iterrows()), desc="volumes", unit="volume", disable=args.quiet):
         try:
-            raw = read_volume(row["path"])  # HU for CT (DICOM rescale applied; NIfTI as stored)
+            # HU for CT (DICOM rescale applied; NIfTI as stored); refuses volumes holding NaN/Inf voxels.
+            raw = read_volume(row["path"])
             signed = volume_to_signed(raw, row["modality"], args.ct_window)
-        except (MedicalImageError, ValueError) as error:
+        except MedicalImageError as error:  # its message names the file already
+            raise SystemExit(f"error: {error}") from None
+        except ValueError as error:
             raise SystemExit(f"error: {row['path']}: {error}") from None
         slices = volume_slices(signed, axis, args.step, img_size)
-        result = evaluate_volume(model, slices, args.batch_size, inception)
+        try:
+            result = evaluate_volume(model, slices, args.batch_size, inception)
+        except NonFiniteImageError as error:
+            raise SystemExit(f"error: {row['path']}: {error}") from None
         if result["original_features"] is not None:
             if original_stats is None:
                 original_stats = GaussianStatistics(fid_inception.FEATURE_DIM)

@@ -137,28 +137,81 @@ def test_fail_fast_names_the_file_and_csv_line(broken_csv, tmp_path):
         dataset[3]
 
 
-def test_skip_replaces_by_the_next_row_counts_and_logs(broken_csv, tmp_path):
+def test_skip_replaces_by_a_readable_row_counts_and_logs(broken_csv, tmp_path):
     log_dir = tmp_path / "run"
-    dataset = CSVImageDataset(broken_csv, on_error="skip", error_log_dir=log_dir)
+    dataset = CSVImageDataset(broken_csv, on_error="skip", error_log_dir=log_dir, replacement_seed=0)
+    readable = {0: "a", 2: "c"}
     replaced = dataset[1]
-    assert (replaced["caption"], replaced["index"], replaced["bad_samples_skipped"]) == ("c", 2, 1)
-    wrapped = dataset[3]
-    assert (wrapped["caption"], wrapped["index"], wrapped["bad_samples_skipped"]) == ("a", 0, 1)
+    assert replaced["index"] in readable and replaced["caption"] == readable[replaced["index"]]
+    assert replaced["bad_samples_skipped"] >= 1
+    again = dataset[3]
+    assert again["index"] in readable and again["bad_samples_skipped"] >= 1
     assert dataset[0]["bad_samples_skipped"] == 0
-    assert dataset.bad_sample_count == 2
+    bad_draws = replaced["bad_samples_skipped"] + again["bad_samples_skipped"]
+    assert dataset.bad_sample_count == bad_draws
     logged = csv_rows(log_dir / BAD_SAMPLES_FILE)
     assert list(logged[0]) == list(BAD_SAMPLES_COLUMNS)
-    logged_files = [(r["line_or_key"], Path(r["path"]).name) for r in logged]
-    assert logged_files == [("3", "missing.png"), ("5", "eight_bit.png")]
+    assert len(logged) == bad_draws
+    assert {(r["line_or_key"], Path(r["path"]).name) for r in logged} == {
+        ("3", "missing.png"),
+        ("5", "eight_bit.png"),
+    }
+
+
+def _block_csv(tmp_path, n_bad: int = 6) -> Path:
+    """Three readable 8x8 PNGs (rows 0, 7, 8) around a block of `n_bad` missing files (rows 1..n_bad)."""
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"good{i}.png")
+    rows.append([str(tmp_path / "good0.png"), "g0", "mri"])
+    rows += [[str(tmp_path / f"missing{i}.png"), f"b{i}", "mri"] for i in range(n_bad)]
+    rows += [[str(tmp_path / f"good{i}.png"), f"g{i}", "mri"] for i in (1, 2)]
+    return write_csv(tmp_path / "block.csv", ["identifier", "caption", "modality"], rows)
+
+
+def test_skip_draws_the_replacement_uniformly_among_readable_rows(tmp_path):
+    """A block of 6 bad rows must not hand its 6 draws to the row after it (the old 'next row' rule)."""
+    table = _block_csv(tmp_path)
+    bad_rows = range(1, 7)
+    counts = {0: 0, 7: 0, 8: 0}
+    dataset = CSVImageDataset(table, on_error="skip")
+    for seed in range(30):
+        torch.manual_seed(seed)  # what per-sample seeding does before each sample
+        for row in bad_rows:
+            counts[dataset[row]["index"]] += 1
+    # 180 draws over 3 readable rows: 60 each expected, binomial sd ~6.3; the 'next row' rule gives 0/180/0.
+    assert all(35 <= n <= 85 for n in counts.values()), counts
+
+
+def test_skip_replacements_are_reproducible_from_the_seed_and_index(tmp_path):
+    table = _block_csv(tmp_path)
+
+    def replacements(**kwargs):
+        dataset = CSVImageDataset(table, on_error="skip", **kwargs)
+        return [(dataset[i]["index"], dataset[i]["bad_samples_skipped"]) for i in range(len(dataset))]
+
+    first = replacements(replacement_seed=3)
+    assert replacements(replacement_seed=3) == first  # same seed: same draws, in any order of reading
+    assert [i for i, _ in first][0] == 0 and [s for _, s in first][7:] == [0, 0]
+    assert any(replacements(replacement_seed=s) != first for s in (4, 5, 6))
+    # Without a seed: torch's seed of the reading process (what per-sample seeding sets) decides.
+    torch.manual_seed(11)
+    under_seed_11 = replacements()
+    torch.manual_seed(11)
+    assert replacements() == under_seed_11
 
 
 def test_skip_counts_are_visible_through_dataloader_workers(broken_csv):
-    dataset = CSVImageDataset(broken_csv, transform=eval_transform(16), on_error="skip")
+    dataset = CSVImageDataset(
+        broken_csv, transform=eval_transform(16), on_error="skip", replacement_seed=1
+    )
+    in_process = [dataset[i] for i in range(len(dataset))]
     loader = DataLoader(dataset, batch_size=2, num_workers=2)
-    skipped = sum(int(batch["bad_samples_skipped"].sum()) for batch in loader)
-    assert (
-        skipped == 2
-    )  # each bad row replaced once; the workers' own counters are not visible here
+    batches = list(loader)
+    skipped = sum(int(batch["bad_samples_skipped"].sum()) for batch in batches)
+    # each bad row is counted with every bad draw it took; the same draws in workers as in this process
+    assert skipped == sum(s["bad_samples_skipped"] for s in in_process) >= 2
+    assert torch.cat([b["index"] for b in batches]).tolist() == [s["index"] for s in in_process]
 
 
 def test_skip_gives_up_when_every_row_is_bad(tmp_path):
@@ -167,8 +220,41 @@ def test_skip_gives_up_when_every_row_is_bad(tmp_path):
         ["identifier", "caption", "modality"],
         [[str(tmp_path / f"missing{i}.png"), "", "mri"] for i in range(3)],
     )
-    with pytest.raises(MedicalImageError, match="3 consecutive bad rows"):
+    with pytest.raises(MedicalImageError, match="3 bad rows in a row for sample 0"):
         CSVImageDataset(table, on_error="skip")[0]
+
+
+def test_skip_policy_handles_nan_volumes_and_decompression_bombs(tmp_path, monkeypatch):
+    """Corrupt values and decoder failures reach the skip policy as MedicalImageError, naming the file."""
+    import nibabel as nib
+
+    volume = np.full((16, 16, 3), 40.0, dtype=np.float32)
+    volume[4:8, 4:8, :] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "nan_ct.nii.gz"))
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "bomb.png")
+    Image.fromarray(np.full((8, 8), 90, dtype=np.uint8)).save(tmp_path / "small.png")
+    table = write_csv(
+        tmp_path / "corrupt.csv",
+        ["identifier", "caption", "modality"],
+        [
+            [str(tmp_path / "nan_ct.nii.gz"), "n", "ct"],
+            [str(tmp_path / "bomb.png"), "b", "xray"],
+            [str(tmp_path / "small.png"), "s", "xray"],
+        ],
+    )
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # bomb.png's 1024 pixels > 2 x the limit
+    strict = CSVImageDataset(table)
+    with pytest.raises(MedicalImageError, match=r"nan_ct.nii.gz: 16 of 256 pixel values are not finite.*line 2"):
+        strict[0]
+    with pytest.raises(MedicalImageError, match=r"bomb.png: too large to decode safely.*line 3"):
+        strict[1]
+    lenient = CSVImageDataset(table, on_error="skip", error_log_dir=tmp_path / "run")
+    for index in (0, 1):
+        sample = lenient[index]
+        assert sample["index"] == 2 and sample["bad_samples_skipped"] >= 1
+        assert torch.isfinite(sample["image"]).all()
+    reasons = [r["reason"] for r in csv_rows(tmp_path / "run" / BAD_SAMPLES_FILE)]
+    assert any("not finite" in r for r in reasons) and any("too large" in r for r in reasons)
 
 
 # ----- shards

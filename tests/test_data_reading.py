@@ -343,3 +343,76 @@ def test_bytes_input_reads_like_the_file(tmp_path):
     torch.testing.assert_close(
         read_image(tmp_path / "IM0001"), read_image(PYDICOM_FILES / "CT_small.dcm")
     )
+
+
+# ----- non-finite values and decoder failures (never a NaN pixel, always a MedicalImageError)
+
+
+def write_nonfinite_nifti(path: Path, bad_value: float = np.nan) -> int:
+    """A [20, 30, 5] CT volume at -500 HU with a [8, 10, 5] block of `bad_value`; returns the bad count per axial slice."""
+    volume = np.full((20, 30, 5), -500.0, dtype=np.float32)
+    volume[2:10, 2:12, :] = bad_value
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+    return 8 * 10
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("modality", ["ct", "mri", None])
+def test_nonfinite_nifti_is_refused_on_every_modality_path(tmp_path, bad_value, modality):
+    path = tmp_path / "bad_ct.nii.gz"
+    per_slice = write_nonfinite_nifti(path, bad_value)
+    with pytest.raises(MedicalImageError, match=rf"{path}: {per_slice} of 600 pixel values are not finite"):
+        read_image(path, modality)
+    with pytest.raises(MedicalImageError, match="not finite"):  # the same bytes from a shard
+        read_image("shard#bad_ct.nii.gz", modality, data=path.read_bytes())
+
+
+def test_nonfinite_values_are_refused_by_read_ct_hu_and_read_volume(tmp_path):
+    path = tmp_path / "nan_ct.nii.gz"
+    write_nonfinite_nifti(path)
+    with pytest.raises(MedicalImageError, match=f"{path}: 80 of 600 pixel values are not finite .80 NaN"):
+        read_ct_hu(path)
+    with pytest.raises(MedicalImageError, match=f"{path}: 400 of 3000 voxel values are not finite"):
+        read_volume(path)
+    # A slice without NaN of the same file is still readable: the check is on what is returned.
+    volume = np.asarray(nib.load(str(path)).dataobj)
+    clean = tmp_path / "clean_slice.nii.gz"
+    volume[:, :, 0] = -500.0
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(clean))
+    assert torch.isfinite(read_image(clean, "ct", slice_index=0)).all()
+
+
+def test_dicom_with_a_nan_rescale_slope_is_refused(tmp_path):
+    import pydicom.config
+
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
+    with pytest.warns(UserWarning):  # pydicom warns that 'NaN' is not a valid DS; such files exist anyway
+        ds.RescaleSlope = "NaN"
+    mode = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        ds.save_as(tmp_path / "nan_slope.dcm")
+    finally:
+        pydicom.config.settings.writing_validation_mode = mode
+    with pytest.raises(MedicalImageError, match="nan_slope.dcm: 16384 of 16384 pixel values are not finite"):
+        read_image(tmp_path / "nan_slope.dcm")  # CT by its own header
+
+
+def test_decompression_bomb_is_a_medical_image_error(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1024 pixels > 2 x the limit: Pillow raises
+    with pytest.raises(MedicalImageError, match=f"{tmp_path / 'big.png'}: too large to decode safely.*MAX_IMAGE_PIXELS"):
+        read_image(tmp_path / "big.png")
+
+
+def test_any_decoder_error_is_a_medical_image_error(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "odd.png")
+
+    def failing_load(self):
+        raise KeyError("a plugin bug on an odd file")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", failing_load)
+    with pytest.raises(MedicalImageError, match=r"odd.png: cannot decode image \(KeyError"):
+        read_image(tmp_path / "odd.png")

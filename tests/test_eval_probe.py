@@ -177,7 +177,9 @@ def test_cli_end_to_end_on_npz_and_csv_with_cache(tmp_path, tiny_checkpoint, cap
     # Neither task is one of Table 2's: the paper-comparable average is empty, the others are averaged apart.
     assert result["average"]["grid"]["datasets"] == 0 and result["average"]["grid"]["map"] is None
     assert result["average_other_datasets"]["grid"]["names"] == ["toymnist", "examples_modality"]
-    assert result["warnings"] == []                                        # a checkpoint, not random weights
+    assert not any("RANDOM" in w for w in result["warnings"])             # a checkpoint, not random weights
+    # 1-6 example images per modality: flagged; toymnist (>= 10 per class in train and test) is not.
+    assert all(w.startswith("examples_modality: few") for w in result["warnings"]) and result["warnings"]
     markdown = (out / "linear_probe.md").read_text()
     assert "paper MedITok" in markdown and "82.27" in markdown
     assert "not in the paper's average" in markdown and "positive class" in markdown
@@ -209,3 +211,85 @@ def test_help_names_the_protocol(capsys):
     for flag in ("--medmnist-root", "--npz", "--train-csv", "--features", "--cache-dir", "--random-weights"):
         assert flag in text
     assert "lr 1e-4" in text and "batch 128" in text
+
+
+def _write_image_task(folder, n_per_class=4, seed=0, suffix=".png"):
+    """train.csv / test.csv listing 64-px grey images: class 1 brighter than class 0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        rows = []
+        for i in range(2 * n_per_class):
+            label = i % 2
+            pixels = rng.integers(0, 80, (64, 64)) + 150 * label
+            name = f"{split}_{i}{suffix}"
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
+            rows.append({"identifier": name, "label": label})
+        pd.DataFrame(rows).to_csv(folder / f"{split}.csv", index=False)
+    return ["--train-csv", str(folder / "train.csv"), "--test-csv", str(folder / "test.csv"), "--root", str(folder),
+            "--label-column", "label", "--num-workers", "0", "--epochs", "2", "--quiet", "--device", "cpu"]
+
+
+def test_cache_is_keyed_by_image_contents(tmp_path, tiny_checkpoint):
+    """Overwriting every image (CSV unchanged, even with size and mtime kept) used to reuse the stale cache."""
+    import os
+
+    from PIL import Image
+
+    data_args = _write_image_task(tmp_path / "images", suffix=".bmp")     # BMP: same size whatever the pixels
+    args = ["--checkpoint", tiny_checkpoint, "--img-size", "64", "--features", "pooled",
+            "--out", str(tmp_path / "out")] + data_args
+    assert linear_probe.main(args) == 0
+    first = json.loads((tmp_path / "out" / "linear_probe.json").read_text())
+    assert all(s.startswith("computed, cached") for s in first["datasets"][0]["features"].values())
+    assert linear_probe.main(args) == 0                                     # unchanged data: from the cache
+    again = json.loads((tmp_path / "out" / "linear_probe.json").read_text())
+    assert all(s.startswith("cache") for s in again["datasets"][0]["features"].values())
+    # Overwrite each image with a grey one of exactly the same byte size and modification time.
+    for image in sorted((tmp_path / "images").glob("*.bmp")):
+        stat = image.stat()
+        Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).save(image)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
+    assert linear_probe.main(args) == 0
+    grey = json.loads((tmp_path / "out" / "linear_probe.json").read_text())
+    assert all(s.startswith("computed, cached") for s in grey["datasets"][0]["features"].values())
+    assert grey["results"][0]["best_auc"] == pytest.approx(50.0)           # identical images: chance
+    assert first["results"][0]["best_auc"] != pytest.approx(50.0)
+    assert linear_probe.main(args + ["--no-cache"]) == 0
+    uncached = json.loads((tmp_path / "out" / "linear_probe.json").read_text())
+    assert all(s == "computed (not cached)" for s in uncached["datasets"][0]["features"].values())
+
+
+def test_defaults_model_size_cache_under_out_and_small_sample_warning(tmp_path, tiny_checkpoint, monkeypatch):
+    data_args = _write_image_task(tmp_path / "images", n_per_class=3)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "elsewhere" / "probe"
+    assert linear_probe.main(["--checkpoint", tiny_checkpoint, "--features", "pooled", "--out", str(out)]
+                             + data_args) == 0
+    result = json.loads((out / "linear_probe.json").read_text())
+    assert result["settings"]["img_size"] == meditok.load_meditok(tiny_checkpoint).config.img_size   # not 256
+    assert sorted(p.suffix for p in (out / "cache").iterdir()) == [".json", ".json", ".npz", ".npz"]
+    assert not (tmp_path / "outputs").exists()                              # nothing written under ./outputs
+    small = [w for w in result["warnings"] if "few" in w]
+    assert small == ["csv: few train images per class (0: 3, 1: 3; fewer than 10): its mAP/AUC are noise",
+                     "csv: few test images per class (0: 3, 1: 3; fewer than 10): its mAP/AUC are noise"]
+    assert "few train images per class" in (out / "linear_probe.md").read_text()
+
+
+def test_nan_images_are_refused_by_the_probe(tmp_path):
+    import nibabel as nib
+
+    data_args = _write_image_task(tmp_path / "images", n_per_class=2)
+    volume = np.random.default_rng(0).normal(0, 300, (32, 32, 3)).astype(np.float32)
+    volume[4:8, 4:8, :] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "images" / "nan_ct.nii.gz"))
+    table = pd.read_csv(tmp_path / "images" / "test.csv")
+    table.loc[0, "identifier"] = "nan_ct.nii.gz"
+    table.to_csv(tmp_path / "images" / "test.csv", index=False)
+    with pytest.raises(SystemExit, match=r"nan_ct.nii.gz: 16 of 1024 pixel values are not finite"):
+        linear_probe.main(["--preset", "tiny", "--random-weights", "--img-size", "64", "--features", "pooled",
+                           "--no-cache", "--out", str(tmp_path / "out")] + data_args)
+    assert not (tmp_path / "out" / "linear_probe.json").exists()

@@ -168,3 +168,49 @@ def test_unreadable_images_stop_the_run_or_are_left_out(tmp_path):
     assert result["all_images"]["images"] == 2                      # left out, not replaced by another image
     assert len(result["unreadable"]) == 1 and "does_not_exist.png" in result["unreadable"][0]
     assert any("unreadable" in w for w in result["warnings"])
+
+
+def _nan_ct_nifti(path, all_nan=False):
+    """A [48, 48, 3] CT volume, its middle axial slice partly (or, with all_nan, entirely) NaN."""
+    volume = np.random.default_rng(0).normal(0, 300, (48, 48, 3)).astype(np.float32)
+    volume[10:20, 10:22, :] = np.nan
+    if all_nan:
+        volume[:] = np.nan
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+
+
+def test_nan_ct_images_give_no_psnr(tmp_path):
+    """A NaN CT NIfTI used to become NaN pixels, quantised to an arbitrary grey, with a finite PSNR and rc 0."""
+    _nan_ct_nifti(tmp_path / "nan_ct.nii.gz")
+    rows = pd.read_csv("datasets/meta/examples_val.csv").head(2)
+    rows.loc[len(rows)] = {**rows.iloc[0].to_dict(), "identifier": str(tmp_path / "nan_ct.nii.gz"), "modality": "ct"}
+    rows.to_csv(tmp_path / "with_nan.csv", index=False)
+    common = ["--preset", "tiny", "--random-weights", "--csv", str(tmp_path / "with_nan.csv"), "--root",
+              "datasets/examples", "--img-size", "64", "--no-fid", "--num-workers", "0", "--worst", "0", "--quiet",
+              "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"nan_ct.nii.gz: 120 of 2304 pixel values are not finite"):
+        reconstruction.main(common)
+    assert not (tmp_path / "out" / "reconstruction.json").exists()
+    assert reconstruction.main(common + ["--on-error", "skip"]) == 0
+    result = json.loads((tmp_path / "out" / "reconstruction.json").read_text())
+    assert result["all_images"]["images"] == 2 and all(np.isfinite(result["all_images"][k]) for k in ("psnr", "ssim"))
+    assert "nan_ct" not in " ".join(pd.read_csv(tmp_path / "out" / "reconstruction_per_image.csv")["identifier"])
+    assert len(result["unreadable"]) == 1 and "not finite" in result["unreadable"][0]
+
+
+def test_non_finite_pixels_never_give_a_finite_metric():
+    from evaluation.metrics import NonFiniteImageError, psnr, quantize_to_uint8
+
+    reference = torch.zeros(3, 3, 16, 16)
+    test = reference + 0.1
+    test[0, 0, 0, 0] = float("nan")
+    test[1, 2, 3, 4] = float("inf")
+    values = psnr(reference, test)
+    assert torch.isnan(values[:2]).all() and values[2] == pytest.approx(20.0)   # 10·log10(1/0.01)
+    with pytest.raises(NonFiniteImageError, match="2 of 2304 values are not finite"):
+        quantize_to_uint8(test)
+    identifiers = ["a.png", "b.png", "c.png"]
+    with pytest.raises(NonFiniteImageError, match=r"image a.png, b.png holds NaN/Inf"):
+        reconstruction.refuse_non_finite(test, identifiers, "image")
+    reconstruction.refuse_non_finite(reference, identifiers, "image")   # finite: no error

@@ -89,3 +89,38 @@ def test_help_and_missing_modality(capsys):
         assert phrase in text
     with pytest.raises(SystemExit, match="--modality"):
         volume.main(["--preset", "tiny", "--random-weights", "--volumes", "x.nii"])
+
+
+def test_nan_volumes_are_refused_not_scored(tmp_path, tiny_checkpoint, capsys):
+    """An all-NaN CT volume used to score PSNR 8.36 dB with rc 0; a partly NaN one a finite PSNR too."""
+    for name, nan_block in (("all_nan_ct.nii.gz", np.s_[:]), ("part_nan_ct.nii.gz", np.s_[2:6, 3:9, :])):
+        _write_volume(tmp_path / name, 6, "ct", seed=0)
+        values = nib.load(str(tmp_path / name)).get_fdata().astype(np.float32)
+        values[nan_block] = np.nan
+        nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / name))
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(SystemExit) as exit_info:
+            volume.main(["--checkpoint", tiny_checkpoint, "--volumes", str(tmp_path / name), "--modality", "ct",
+                         "--img-size", "32", "--no-fid", "--out", str(out), "--quiet", "--device", "cpu"])
+        count = values.size if name.startswith("all") else 4 * 6 * 8
+        assert str(exit_info.value) == (f"error: {tmp_path / name}: {count} of {values.size} voxel values are not "
+                                        f"finite ({count} NaN, 0 +/-Inf). Fix: replace them in the file (e.g. with the "
+                                        "background value: -1024 HU for CT, 0 for MR) and save it again, or leave the "
+                                        "file out; no value is guessed for them, and scripts/data/quality_control.py "
+                                        "drops such files")
+        assert not (out / "volume.json").exists()
+
+
+def test_empty_volume_csv_and_missing_volume_files_are_refused(tmp_path):
+    (tmp_path / "empty.csv").write_text("identifier,modality,label,split\n")
+    with pytest.raises(SystemExit, match=r"empty.csv: volume CSV has no rows"):
+        volume.main(["--preset", "tiny", "--random-weights", "--csv", str(tmp_path / "empty.csv"), "--no-fid",
+                     "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
+    assert not (tmp_path / "out" / "volume.json").exists()
+    missing = tmp_path / "missing.nii.gz"
+    with pytest.raises(SystemExit) as exit_info:
+        volume.main(["--preset", "tiny", "--random-weights", "--volumes", str(missing), "--modality", "ct",
+                     "--no-fid", "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
+    message = str(exit_info.value)
+    assert message.count(str(missing)) == 1 and "not found" in message and "--volumes" in message
+    assert "CSV" not in message

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from ..seeding import sample_seed
 from .errors import MedicalImageError
 from .reading import CTWindowArg
 from .samples import (
@@ -41,12 +42,25 @@ class CSVImageDataset(Dataset):
         ct_window: how `ct` rows go from HU to [-1, 1]: a window name, (low, high) in HU, or a
             callable on HU [1, H, W], e.g. ``RandomCTWindow()`` for training.
         on_error: 'raise' (default) fails fast with a MedicalImageError naming the file and the
-            CSV line; 'skip' replaces a bad sample by the next readable row in CSV order
-            (deterministic, so runs stay reproducible), logs a warning, counts it and appends it
-            to ``error_log_dir/bad_samples.csv``.
+            CSV line; 'skip' replaces a bad sample by a row drawn uniformly at random among the
+            readable rows (see "Skip policy" below), logs a warning, counts it and appends it to
+            ``error_log_dir/bad_samples.csv``.
         error_log_dir: where 'skip' writes bad_samples.csv (the run's output folder); None: no file.
-        max_consecutive_bad: under 'skip', give up (raise) after this many bad rows in a row,
-            which means the root or the CSV is wrong rather than a few files.
+        max_consecutive_bad: under 'skip', give up (raise) after this many bad rows for one
+            sample (the requested row and its replacement draws), which means the root or the CSV
+            is wrong rather than a few files.
+        replacement_seed: seed of the replacement draws under 'skip'; None (default) uses
+            ``torch.initial_seed()`` of the process reading the sample, which the training's
+            per-sample seeding (and DataLoader workers) set reproducibly.
+
+    Skip policy: the replacement of bad row i is the first readable row of a random order of the
+    other rows (rows never tried twice for one sample), drawn from a generator seeded by
+    (replacement_seed, i). The first readable row of a uniformly random order is uniform among
+    the readable rows, so a block of bad rows does not hand its draws to one neighbour (taking
+    "the next readable row" gave the row after a block of N bad rows N+1 draws per pass), and the
+    same seed and index give the same replacement on every run and after a resume. Corrupt
+    values count as bad rows too: a file holding NaN/Inf, too large to decode (Pillow's
+    decompression-bomb limit) or failing in any decoder raises MedicalImageError.
 
     Each sample is a dict: ``image`` float32 [3, H, W] in [-1, 1] (after `transform`),
     ``modality`` (lower-case str, '' if none), ``caption`` (str), ``identifier`` (str, as in the
@@ -69,6 +83,7 @@ class CSVImageDataset(Dataset):
         on_error: str = "raise",
         error_log_dir: str | Path | None = None,
         max_consecutive_bad: int = 100,
+        replacement_seed: int | None = None,
     ):
         self.csv_path = Path(csv_path)
         self.root = None if root is None else Path(root)
@@ -79,6 +94,7 @@ class CSVImageDataset(Dataset):
         if max_consecutive_bad < 1:
             raise ValueError(f"max_consecutive_bad must be >= 1, got {max_consecutive_bad}")
         self.max_consecutive_bad = max_consecutive_bad
+        self.replacement_seed = replacement_seed
         required = [image_column]
         if modality_column is not None:
             required.append(modality_column)
@@ -130,18 +146,39 @@ class CSVImageDataset(Dataset):
             sample = self.load(index)
             sample["bad_samples_skipped"] = 0
             return sample
-        for skipped in range(min(self.max_consecutive_bad, len(self))):
-            row = (index + skipped) % len(self)
+        tried: list[int] = []
+        generator = None
+        row = index
+        while True:
             try:
                 sample = self.load(row)
             except MedicalImageError as error:
                 self.bad_samples.record(str(self.csv_path), row + 2, self.identifiers[row], error)
-                last_error = error
+                tried.append(row)
+                if len(tried) >= min(self.max_consecutive_bad, len(self)):
+                    raise MedicalImageError(
+                        self.csv_path,
+                        f"{len(tried)} bad rows in a row for sample {index} (line {index + 2} and "
+                        f"{len(tried) - 1} random replacement(s)); last: {error}",
+                        "check the dataset root and the CSV; scripts/data/quality_control.py "
+                        "lists bad files",
+                    ) from error
+                if generator is None:
+                    generator = torch.Generator().manual_seed(self._replacement_seed(index))
+                row = _draw_untried(len(self), tried, generator)
                 continue
-            sample["bad_samples_skipped"] = skipped
+            sample["bad_samples_skipped"] = len(tried)
             return sample
-        raise MedicalImageError(
-            self.csv_path,
-            f"{skipped + 1} consecutive bad rows from line {index + 2}; last: {last_error}",
-            "check the dataset root and the CSV; scripts/data/quality_control.py lists bad files",
-        )
+
+    def _replacement_seed(self, index: int) -> int:
+        base = torch.initial_seed() if self.replacement_seed is None else self.replacement_seed
+        return sample_seed(base, index)
+
+
+def _draw_untried(size: int, tried: list[int], generator: torch.Generator) -> int:
+    """A row drawn uniformly from range(size) minus `tried` (distinct rows)."""
+    position = int(torch.randint(size - len(tried), (1,), generator=generator))
+    for row in sorted(tried):  # the position-th untried row: step over the tried ones below it
+        if position >= row:
+            position += 1
+    return position

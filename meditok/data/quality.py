@@ -3,6 +3,11 @@
 Each rule returns the list of reasons an image or slice is dropped (empty: keep), so tools can
 write the reason next to every dropped file. Thresholds are dataclass fields, defaulting to the
 paper's numbers, so a tool can expose them as options.
+
+Non-finite values (NaN/Inf) are a reason of their own in every rule: the statistics below would
+otherwise be NaN (and NaN compares false, so a NaN image could pass) or come from an arbitrary cast.
+The readers already refuse such files (quality control then drops them as unreadable, with the
+count); the rules check again for arrays that come from elsewhere.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ class ImageQualityThresholds:
     max_distinct_values_dropped: int = 3
 
 
+def non_finite_reason(values) -> list[str]:
+    """['N of M values are not finite (NaN/Inf)'] when any value is NaN or infinite, else []."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "fc":
+        return []
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    return [f"{bad} of {values.size} values are not finite (NaN/Inf)"] if bad else []
+
+
 def rgb_proxy(image: torch.Tensor) -> np.ndarray:
     """The 8-bit RGB image QC looks at.
 
@@ -35,7 +49,12 @@ def rgb_proxy(image: torch.Tensor) -> np.ndarray:
             the default window).
     Returns:
         uint8 array [H, W, 3] in 0..255.
+    Raises:
+        ValueError: the image holds NaN/Inf (casting them to uint8 would give arbitrary values).
     """
+    reasons = non_finite_reason(image.detach().cpu().numpy())
+    if reasons:
+        raise ValueError(f"rgb_proxy: {reasons[0]}; read_image refuses such files")
     proxy = ((image.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return proxy.permute(1, 2, 0).numpy()
 
@@ -51,8 +70,10 @@ def image_rejection_reasons(
     distinct = number of unique values.
     """
     t = thresholds
-    reasons = []
     values = np.asarray(proxy)
+    reasons = non_finite_reason(values)
+    if reasons:
+        return reasons
     intensity_range = float(values.max()) - float(values.min())
     if intensity_range < t.min_intensity_range:
         reasons.append(f"intensity range {intensity_range:g} < {t.min_intensity_range:g}")
@@ -93,7 +114,9 @@ def ct_slice_rejection_reasons(
     """Why a CT slice is dropped; [] to keep. `hu`: [H, W] Hounsfield units, clipped as in SPEC."""
     t = thresholds
     hu = np.asarray(hu, dtype=np.float64)
-    reasons = []
+    reasons = non_finite_reason(hu)
+    if reasons:
+        return reasons
     background_ratio = float(np.mean(hu <= t.background_hu))
     if background_ratio > t.max_background_ratio:
         reasons.append(f"background ratio {background_ratio:.4f} > {t.max_background_ratio:g}")
@@ -123,7 +146,9 @@ def mri_slice_rejection_reasons(
     """Why an MRI slice is dropped; [] to keep. `normalised`: [H, W] in [-1, 1]."""
     t = thresholds
     values = np.asarray(normalised, dtype=np.float64)
-    reasons = []
+    reasons = non_finite_reason(values)
+    if reasons:
+        return reasons
     mean, std = float(values.mean()), float(values.std())
     if mean <= t.max_mean_dropped:
         reasons.append(f"mean {mean:.4f} <= {t.max_mean_dropped:g}")

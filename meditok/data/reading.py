@@ -19,6 +19,14 @@ Value conventions (SPEC §3):
   0.5th-99.5th percentiles and min-max to [-1, 1].
 - DICOM MONOCHROME1 (low values shown white) is inverted so that, as in MONOCHROME2, high means
   bright. CT is the exception: HU is a physical scale and every CT window assumes air = -1.
+- Non-finite values (NaN, +Inf, -Inf; possible in float NIfTI/DICOM data or from a NaN/Inf
+  rescale slope) are refused on every path, CT included: :func:`read_image`, :func:`read_ct_hu` and
+  :func:`read_volume` raise :class:`MedicalImageError` naming the file and how many values are not
+  finite. No value is guessed for them (a NaN region would otherwise become an arbitrary grey and a
+  tokenizer would encode it), so the skip policies and quality control drop such a file with that
+  reason. :func:`read_image` checks the slice it returns; :func:`read_volume` the whole volume.
+- Any decoder failure (Pillow's DecompressionBombError for an image over ``PIL.Image.MAX_IMAGE_PIXELS``
+  pixels, a truncated stream, a damaged DICOM or NIfTI) is a :class:`MedicalImageError` naming the file.
 - Volume slices (NIfTI, DICOM series) come from the RAS+ canonical array and are shown in the
   radiological convention, as a DICOM viewer shows them: axial with anterior up and the patient's
   right on the image's left; coronal and sagittal with superior up (sagittal: anterior on the
@@ -35,7 +43,7 @@ from typing import Callable, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import MedicalImageError
 from .windows import CT_PNG_HU_OFFSET, DEFAULT_CT_WINDOW, ct_window, linear_window, window_bounds
@@ -122,8 +130,9 @@ def read_image(
         float32 tensor [3, H, W] in [-1, 1].
 
     Raises:
-        MedicalImageError: the file is missing, empty, truncated, not an image, a DICOM the
-            installed decoders cannot decode, or not readable as CT for a `ct` row; the message
+        MedicalImageError: the file is missing, empty, truncated, not an image, too large for
+            Pillow's decompression-bomb limit, a DICOM the installed decoders cannot decode, holds
+            NaN/Inf values in the image read, or is not readable as CT for a `ct` row; the message
             names the file, the reason and the fix.
     """
     name = str(path)
@@ -158,7 +167,8 @@ def read_ct_hu(
         float32 tensor [1, H, W] in HU (air about -1000, water 0).
 
     Raises:
-        MedicalImageError: unreadable, or not a CT image (e.g. an 8-bit PNG, an MR DICOM).
+        MedicalImageError: unreadable, holds NaN/Inf values, or not a CT image (e.g. an 8-bit PNG,
+            an MR DICOM).
     """
     pixels = _decode(path, data, frame=frame, slice_index=slice_index, slice_axis=slice_axis)
     return _require_hu(pixels, str(path), "ct")
@@ -178,8 +188,16 @@ def read_volume(path: PathLike) -> np.ndarray:
     Returns:
         float32 array [X, Y, Z] (a 4D NIfTI gives its first volume): NIfTI values with the
         header's scaling, DICOM values after the modality LUT (rescale slope/intercept, so HU
-        for CT).
+        for CT). Every value is finite.
+
+    Raises:
+        MedicalImageError: unreadable, not a volume, or any voxel is NaN/Inf (the message gives
+            the count).
     """
+    return _require_finite(_read_volume_values(path), str(path), "voxel")
+
+
+def _read_volume_values(path: PathLike) -> np.ndarray:
     name = str(path)
     path = Path(path)
     if path.is_dir():
@@ -304,10 +322,34 @@ def _decode(path, data, *, frame, slice_index, slice_axis) -> _DecodedPixels:
     head = _read_head(path, data)
     kind = _detect_format(head, name)
     if kind == "dicom":
-        return _decode_dicom(path, data, name, frame)
-    if kind == "nifti":
-        return _decode_nifti(path, data, name, frame, slice_index, slice_axis)
-    return _decode_pillow(path, data, name, frame)
+        pixels = _decode_dicom(path, data, name, frame)
+    elif kind == "nifti":
+        pixels = _decode_nifti(path, data, name, frame, slice_index, slice_axis)
+    else:
+        pixels = _decode_pillow(path, data, name, frame)
+    _require_finite(pixels.values, name, "pixel")
+    if pixels.hu is not None and pixels.hu is not pixels.values:
+        _require_finite(pixels.hu, name, "pixel")
+    return pixels
+
+
+def _require_finite(values: np.ndarray, name: str, unit: str) -> np.ndarray:
+    """`values` unchanged if every value is finite, else MedicalImageError with the count."""
+    if values.dtype.kind not in "fc":  # integer data cannot hold NaN or Inf
+        return values
+    finite = np.isfinite(values)
+    if finite.all():
+        return values
+    bad = values[~finite]
+    n_nan = int(np.isnan(bad).sum())
+    n_inf = bad.size - n_nan
+    raise MedicalImageError(
+        name,
+        f"{bad.size} of {values.size} {unit} values are not finite ({n_nan} NaN, {n_inf} +/-Inf)",
+        "replace them in the file (e.g. with the background value: -1024 HU for CT, 0 for MR) "
+        "and save it again, or leave the file out; no value is guessed for them, and "
+        "scripts/data/quality_control.py drops such files",
+    )
 
 
 def _decode_pillow(path, data, name: str, frame: int | None) -> _DecodedPixels:
@@ -327,8 +369,19 @@ def _decode_pillow(path, data, name: str, frame: int | None) -> _DecodedPixels:
             return _pillow_pixels(image, name)
     except MedicalImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
-        raise MedicalImageError(name, f"cannot decode image ({error})", _CORRUPT_FIX) from error
+    except Image.DecompressionBombError as error:
+        raise MedicalImageError(
+            name,
+            f"too large to decode safely ({error})",
+            "downsample the image, or, for a file you trust, raise PIL.Image.MAX_IMAGE_PIXELS "
+            "before reading it",
+        ) from error
+    except MemoryError:
+        raise  # the process is out of memory: not a property of this file
+    except Exception as error:  # Pillow's plugins raise many types for damaged or odd files
+        raise MedicalImageError(
+            name, f"cannot decode image ({type(error).__name__}: {error})", _CORRUPT_FIX
+        ) from error
 
 
 def _pillow_pixels(image: Image.Image, name: str) -> _DecodedPixels:
@@ -664,18 +717,15 @@ def _to_signed_rgb(pixels: _DecodedPixels, window, name: str) -> torch.Tensor:
         low, high = window_bounds(window)
     elif pixels.full_scale is not None:
         low, high = 0.0, pixels.full_scale
-    else:
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            raise MedicalImageError(name, "no finite pixel values", _CORRUPT_FIX)
-        low, high = (float(v) for v in np.percentile(finite, ROBUST_PERCENTILES))
+    else:  # _decode has refused non-finite values
+        low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
         if not low < high:
             raise MedicalImageError(
                 name,
                 f"almost every pixel equals {low:g}, so a robust min-max has no range",
                 "pass window=(low, high), or drop the image (quality control drops it too)",
             )
-    gray = linear_window(np.nan_to_num(values, nan=low), low, high)
+    gray = linear_window(values.astype(np.float32), low, high)  # a writable copy for torch
     if pixels.invert:
         gray = -gray
     return gray[None].expand(3, -1, -1).contiguous()
