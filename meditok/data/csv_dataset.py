@@ -1,4 +1,4 @@
-"""Map-style dataset over a metadata CSV (SPEC §3: identifier, caption, modality)."""
+"""Map-style dataset over a metadata CSV (docs/method.md §3: identifier, caption, modality)."""
 
 from __future__ import annotations
 

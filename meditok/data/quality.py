@@ -1,4 +1,4 @@
-"""Quality rules of SPEC §3 (paper appendix A.2): 2D image QC and 3D->2D slice selection.
+"""Quality rules of docs/method.md §3 (paper appendix A.2): 2D image QC and 3D->2D slice selection.
 
 Each rule returns the list of reasons an image or slice is dropped (empty: keep), so tools can
 write the reason next to every dropped file. Thresholds are dataclass fields, defaulting to the
@@ -111,7 +111,7 @@ class CTSliceThresholds:
 def ct_slice_rejection_reasons(
     hu: np.ndarray, thresholds: CTSliceThresholds = CTSliceThresholds()
 ) -> list[str]:
-    """Why a CT slice is dropped; [] to keep. `hu`: [H, W] Hounsfield units, clipped as in SPEC."""
+    """Why a CT slice is dropped; [] to keep. `hu`: [H, W] Hounsfield units, clipped as in docs/method.md §3."""
     t = thresholds
     hu = np.asarray(hu, dtype=np.float64)
     reasons = non_finite_reason(hu)

@@ -3,7 +3,7 @@
 One function family serves training, evaluation and the demo, so a model never sees pixels read
 one way in training and another way at inference.
 
-Value conventions (SPEC §3):
+Value conventions (docs/method.md §3):
 - The output of :func:`read_image` is a float32 tensor [3, H, W] in [-1, 1]; grayscale is
   repeated to 3 channels.
 - 8-bit data (PNG, JPEG, 8-bit DICOM, colour DICOM): value / 255 -> [-1, 1].
@@ -15,7 +15,7 @@ Value conventions (SPEC §3):
   them to [-1, 1] (named window, (low, high) in HU, or a callable such as
   :class:`meditok.data.transforms.RandomCTWindow`). Default window: ``common`` [-1000, 1000].
 - Other high-bit-depth grayscale (MR/X-ray/NM DICOM, non-CT NIfTI): ``window=(low, high)`` in the
-  file's units after the DICOM modality LUT if given, else the SPEC's MRI normalisation: clip to the
+  file's units after the DICOM modality LUT if given, else the paper's MRI normalisation: clip to the
   0.5th-99.5th percentiles and min-max to [-1, 1].
 - DICOM MONOCHROME1 (low values shown white) is inverted so that, as in MONOCHROME2, high means
   bright. CT is the exception: HU is a physical scale and every CT window assumes air = -1.
@@ -55,7 +55,7 @@ CTWindowArg = Union[str, tuple[float, float], Callable[[torch.Tensor], torch.Ten
 SUPPORTED_FORMATS = (
     "PNG, JPEG, TIFF, BMP, GIF (Pillow), DICOM (pydicom), NIfTI-1/2 .nii/.nii.gz (nibabel)"
 )
-# The SPEC's MRI normalisation, also used for any non-CT data without a fixed full scale.
+# The paper's MRI normalisation (docs/method.md §3), also used for any non-CT data without a fixed full scale.
 ROBUST_PERCENTILES = (0.5, 99.5)
 # Axes of a RAS+ canonical volume, named for file names and CSV columns.
 AXIS_NAMES = ("sagittal", "coronal", "axial")
