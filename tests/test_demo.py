@@ -97,3 +97,16 @@ def test_demo_figure_leaves_the_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "f.png").stat().st_size > 1000
     finally:
         plt.switch_backend(before)
+
+
+def test_error_maps_are_labelled_one_way_across_figures():
+    """demo figures, evaluation.reconstruction's worst cases and the training grids share one scale and title."""
+    import inspect
+
+    from evaluation import reconstruction
+    from utilities import monitor
+    assert demo.ERROR_LABEL == reconstruction.ERROR_LABEL == "|error| (0-0.5)"
+    assert demo.ERROR_VMAX == reconstruction.ERROR_VMAX == 0.5
+    grid_source = inspect.getsource(monitor.save_reconstruction_grid)
+    assert f'"{demo.ERROR_LABEL}"' in grid_source
+    assert inspect.signature(monitor.error_map).parameters["vmax"].default == demo.ERROR_VMAX
