@@ -369,3 +369,12 @@ def test_csv_to_shards_refuses_an_empty_csv_naming_it(tmp_path):
     zero_bytes.write_text("")
     message = _exit_message(SCRIPTS / "csv_to_shards.py", "--csv", zero_bytes, "--out-dir", tmp_path / "shards")
     assert message.startswith(f"csv_to_shards: {zero_bytes}") and "header row" in message
+
+
+def test_a_missing_metadata_csv_names_the_flags_users_actually_have(tmp_path):
+    from meditok.data import MedicalImageError
+    from meditok.data.samples import read_metadata_csv
+    with pytest.raises(MedicalImageError) as caught:
+        read_metadata_csv(tmp_path / "absent.csv", ["identifier"])
+    message = str(caught.value)
+    assert str(tmp_path / "absent.csv") in message and "--train-csv" in message
