@@ -116,7 +116,8 @@ def run(images: Sequence[Tuple[Path, str]], checkpoint: Path, out_dir: Path, img
         try:
             x, ids, recon = reconstruct_one(model, transform, path, modality, device)
         except (MedicalImageError, OSError) as error:
-            print(f"  skipped {path}: {error}", file=sys.stderr)
+            message = str(error) if str(path) in str(error) else f"{path}: {error}"
+            print(f"  skipped {message}", file=sys.stderr)
             results.append({"image": str(path), "modality": modality, "error": str(error)})
             continue
         psnr, ssim = quality(x[0], recon[0])
@@ -127,7 +128,7 @@ def run(images: Sequence[Tuple[Path, str]], checkpoint: Path, out_dir: Path, img
         results.append({"image": str(path), "modality": modality, "psnr": psnr, "ssim": ssim,
                         "token_ids_shape": list(ids.shape), "error": None})
         pairs.append((x[0].cpu(), recon[0].cpu()))
-        labels.append(f"{name} ({modality or '?'}) {psnr:.1f} dB")
+        labels.append(f"{name} ({modality or '?'}) PSNR {psnr:.1f} dB")
     done = [r for r in results if r["error"] is None]
     if not done:
         print(f"none of the {len(results)} images could be read; no figures written", file=sys.stderr)
