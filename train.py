@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             if part is not None:
                 part.close()
         dist.cleanup()
-    return 0 if not stopped or stopped == "--stop-at-step" else 130
+    return 0 if not stopped or stopped == "--stop-at-step" else stops.exit_code or 130
 
 
 if __name__ == "__main__":

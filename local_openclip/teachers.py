@@ -1,4 +1,4 @@
-"""The frozen BiomedCLIP teachers of MedITok training (SPEC §2), built by open_clip from a local folder.
+"""The frozen BiomedCLIP teachers of MedITok training (docs/method.md §2), built by open_clip from a local folder.
 
 Stage 1 aligns the tokenizer with the BiomedCLIP ViT-B/16 image trunk (``load_vision_teacher``), stage 2
 with the PubMedBERT text tower (``load_text_teacher``). Both are loaded by
@@ -128,7 +128,7 @@ def _create_biomedclip(resolved: BiomedCLIPSource, device: Union[str, torch.devi
 class _FrozenModule(nn.Module):
     """A module whose parameters never need gradients and which stays in eval mode.
 
-    Frozen teachers must behave the same at every step (dropout off; SPEC §2 and the NOTES list keeping the
+    Frozen teachers must behave the same at every step (dropout off; docs/method.md §2 and the NOTES list keeping the
     teacher in train mode as a bug of the released code), so ``train(True)`` from a parent is ignored.
     """
 
@@ -154,7 +154,7 @@ class VisionTeacher(_FrozenModule):
     Features: open_clip builds BiomedCLIP's vision tower as a timm ``vit_base_patch16_224`` trunk with
     ``timm_pool=""`` — which keeps timm's default ``global_pool="token"`` — followed by a linear projection to
     the 512-d CLIP space. We return the trunk's output: the class token after the trunk's final LayerNorm,
-    768-d, i.e. BiomedCLIP's own pooled feature just before its CLIP projection (SPEC §2: 768-d).
+    768-d, i.e. BiomedCLIP's own pooled feature just before its CLIP projection (docs/method.md §2: 768-d).
     """
 
     def __init__(self, trunk: nn.Module, preprocess_cfg: Dict[str, Any], source: str = ""):

@@ -353,7 +353,16 @@ TEMP_SUFFIX = ".tmp"  # atomic_write's temp files are named ".<final name>.<rand
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux tells it (setting it to read it back would,
+    for a moment, apply to files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

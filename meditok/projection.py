@@ -1,4 +1,4 @@
-"""Attention projections around the quantizer (SPEC §1, UniTok's design).
+"""Attention projections around the quantizer (docs/method.md §1, UniTok's design).
 
 ``AttentionProjection(in_dim, out_dim, heads)``: x ↦ y = Linear(LN₃(x)) + CausalAttention(LN₁(x));
 y ↦ y + GeGLU(LN₂(y)). The causal attention runs over the raster-ordered token sequence with heads of

@@ -1,4 +1,4 @@
-"""Transforms and seeding: SPEC §3 probabilities, shapes and ranges, reproducibility."""
+"""Transforms and seeding: docs/method.md §3 probabilities, shapes and ranges, reproducibility."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from meditok.data import (
     stage1_augmentation,
 )
 
-# SPEC §3: a random window with p = 0.5, drawn with these probabilities; otherwise 'common'.
+# docs/method.md §3: a random window with p = 0.5, drawn with these probabilities; otherwise 'common'.
 SPEC_WINDOW_P = {"full": 0.2, "common": 0.3, "soft_tissue": 0.3, "lung": 0.15, "bone": 0.05}
 SPEC_WINDOW_HU = {
     "full": (-1000, 2000),

@@ -1,4 +1,4 @@
-"""Each training loss against a small independent computation written here (SPEC §2)."""
+"""Each training loss against a small independent computation written here (docs/method.md §2)."""
 import math
 
 import pytest

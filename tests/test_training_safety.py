@@ -150,7 +150,7 @@ def test_a_run_folder_without_usable_checkpoints_stops_instead_of_restarting(tra
         with pytest.raises(SystemExit, match=r"none of its checkpoints is usable.*--resume restart"):
             train.main(train_argv(run, max_steps=6, save_every=2, resume="auto", adv_weight=0, lpips_weight=0))
     # nothing deleted, and a second try says the same instead of starting from 0
-    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-00000002.pth.unusable", "ckpt-00000004.pth.unusable"]
+    assert sorted(p.name for p in run.glob("ckpt-*.unusable")) == ["ckpt-00000002.pth.unusable", "ckpt-00000004.pth.unusable"]
     with pytest.raises(SystemExit, match="none of its checkpoints is usable"):
         train.main(train_argv(run, max_steps=6, resume="auto", adv_weight=0, lpips_weight=0))
     assert train.main(train_argv(run, max_steps=2, resume="restart", adv_weight=0, lpips_weight=0)) == 0
@@ -162,14 +162,14 @@ def test_signals_to_the_process_group_stop_at_a_step_boundary_and_resume_exactly
                                                                                     deterministic):
     """SIGTERM to the whole process group (what Slurm and systemd send) and Ctrl-C (SIGINT to the foreground
     group), each landing during training with a data worker running: the trainer finishes the step, saves
-    with that step's data position, exits 130; --resume auto then ends bit-equal to an uninterrupted run."""
+    with that step's data position, exits 128 + the signal; --resume auto then ends bit-equal to an uninterrupted run."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    common = dict(max_steps=8, num_workers=1, deterministic="true", adv_weight=0, save_every=100)
+    common = dict(max_steps=6, num_workers=1, deterministic="true", adv_weight=0, lpips_weight=0, save_every=100)
     straight = tmp_path / "straight"
     assert train.main(train_argv(straight, **common)) == 0
     want = checkpointing.load_checkpoint(checkpointing.list_checkpoints(straight)[0])
@@ -182,15 +182,15 @@ def test_signals_to_the_process_group_stop_at_a_step_boundary_and_resume_exactly
         deadline = time.time() + 300
         while time.time() < deadline:  # signal once a few steps are done (mid-step, most likely)
             lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-            if len(lines) >= 3 or proc.poll() is not None:
+            if len(lines) >= 2 or proc.poll() is not None:
                 break
             time.sleep(0.2)
         os.killpg(proc.pid, sig)
         out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 130, out[-2000:]
+        assert proc.returncode == 128 + sig, out[-2000:]  # 143 for SIGTERM, 130 for Ctrl-C
         assert "DataLoader worker" not in out, out[-2000:]
         stopped_at = checkpointing.load_checkpoint(checkpointing.list_checkpoints(run)[0])["step"]
-        assert 3 <= stopped_at < 8, out[-2000:]
+        assert 2 <= stopped_at < 6, out[-2000:]
         assert train.main(train_argv(run, resume="auto", **common)) == 0
         got = checkpointing.load_checkpoint(checkpointing.list_checkpoints(run)[0])
         for part in ("model", "heads"):

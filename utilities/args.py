@@ -1,7 +1,7 @@
-"""Training arguments: one typed dataclass, defaults from SPEC §2, filled from a JSON config file and
+"""Training arguments: one typed dataclass, defaults from docs/method.md §2, filled from a JSON config file and
 then the command line (command line wins). Saved into the run folder and into every checkpoint.
 
-    python train.py --config configs/stage1_tiny_cpu.json --max_steps 50 --batch_size 4
+    python train.py --config configs/stage1_tiny_cpu.json --max-steps 50 --batch-size 4
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Args:
     on_bad_sample: str = "raise"  # raise: stop naming the file; skip: count, warn, list in bad_samples.csv
     num_workers: int = 2  # DataLoader worker processes per training process (0 = load in the training process)
     # --- schedule --------------------------------------------------------------------------------
-    epochs: float = 3.0  # passes over the data (SPEC §2: 3 in stage 1, 2 in stage 2); --max-steps wins when set
+    epochs: float = 3.0  # passes over the data (docs/method.md §2: 3 in stage 1, 2 in stage 2); --max-steps wins when set
     max_steps: int = 0  # stop after this many optimiser steps (0 = epochs decide)
     samples_per_epoch: int = 0  # for shards: samples in one epoch (0 = unknown: needs max_steps)
     batch_size: int = 16  # per process
@@ -62,7 +62,7 @@ class Args:
     vq_weight: float = 1.0
     adv_weight: float = 0.4  # base of the adaptive GAN weight; 0 = no discriminator
     adv_clamp: Tuple[float, float] = (0.015, 1e4)  # clamp of the ratio ‖∇L_nll‖/‖∇L_adv‖
-    contrast_weight: float = -1.0  # -1 = SPEC default for the stage: 0.1 (stage 1), 1.0 (stage 2); 0 = no teacher
+    contrast_weight: float = -1.0  # -1 = the paper's weight for the stage: 0.1 (stage 1), 1.0 (stage 2); 0 = no teacher
     bcr_weight: float = 4.0  # balanced consistency regularisation of the discriminator
     bcr_cutout: float = 0.2  # cutout of the strong augmentation for BCR
     diffaug_cutout: float = 0.2  # cutout of DiffAugment on the discriminator's inputs
@@ -81,7 +81,7 @@ class Args:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16
     grad_ckpt: bool = False
-    grad_ckpt_parts: str = "all"  # what --grad_ckpt recomputes: all | vit (ViT blocks) | decoder_conv (upsampling stages)
+    grad_ckpt_parts: str = "all"  # what --grad-ckpt recomputes: all | vit (ViT blocks) | decoder_conv (upsampling stages)
     channels_last: bool = False  # NHWC convolutions in the tokenizer and LPIPS (speed only; see docs/performance.md)
     compile: bool = False  # torch.compile the tokenizer's encoder/decoder and the loss networks (eager fallback)
     compile_backend: str = "inductor"  # torch.compile backend ('aot_eager' traces without generating kernels)

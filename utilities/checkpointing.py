@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -199,6 +200,9 @@ class RunFolderLock:
             os.close(self._fd)
             raise SystemExit(f"{Path(run_dir)} is in use by a running trainer ({holder}); stop it first or pick "
                              f"another --output-dir (nothing was changed)") from None
+        except OSError as e:  # a file system without flock (some NFS / Lustre mounts): run unprotected
+            warnings.warn(f"cannot lock {self.path} ({e.strerror}): a second trainer on this folder would not be "
+                          f"stopped")
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
 
@@ -219,19 +223,46 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, keep: int, args):
         self.run_dir, self.keep, self.args = Path(run_dir), keep, args
-        self.lock = None
+        self.lock, refusal = None, None
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunFolderLock(self.run_dir)
-            for stale in remove_stale_temp_files(self.run_dir):
-                print(f"[checkpoint] removed {stale}, left by an interrupted save", flush=True)
+            try:
+                self.lock = RunFolderLock(self.run_dir)
+            except SystemExit as e:
+                refusal = str(e)
+            else:
+                for stale in remove_stale_temp_files(self.run_dir):
+                    print(f"[checkpoint] removed {stale}, left by an interrupted save", flush=True)
+        refusal = dist.broadcast_from_main(refusal)  # every rank stops together, not only rank 0
+        if refusal:
+            raise SystemExit(refusal)
 
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
 
     def _source(self) -> Optional[Dict[str, Any]]:
-        """The checkpoint ``--resume`` names, None for a fresh run (refusing a folder that holds a run)."""
+        """The checkpoint ``--resume`` names, None for a fresh run. Rank 0 decides (verifying checksums and
+        setting unusable files aside, once) and tells the others which file to load, or the error to stop with."""
+        decision: Any = None
+        if dist.is_main():
+            try:
+                ckpt = self._choose()
+                decision = ckpt["_path"] if ckpt is not None else ""
+            except SystemExit as e:
+                decision = SystemExit(str(e))
+        decision = dist.broadcast_from_main(decision)
+        if isinstance(decision, SystemExit):
+            raise decision
+        if not decision:
+            return None
+        if dist.is_main():
+            return ckpt
+        ckpt = load_checkpoint(Path(decision))
+        ckpt["_path"] = decision
+        return ckpt
+
+    def _choose(self) -> Optional[Dict[str, Any]]:
         resume = self.args.resume
         if not resume and (list_checkpoints(self.run_dir) or set_aside_checkpoints(self.run_dir)):
             raise SystemExit(f"{self.run_dir} already holds checkpoints of a run ({(list_checkpoints(self.run_dir) or set_aside_checkpoints(self.run_dir))[0].name})."
@@ -261,7 +292,7 @@ class Checkpointer:
             try:
                 verify_checksum(path)
                 ckpt = load_checkpoint(path)
-            except (ValueError, RuntimeError, OSError) as e:
+            except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
                 raise SystemExit(f"--resume {resume}: not a usable checkpoint: {e}") from None
             ckpt["_path"] = resume
             return ckpt
@@ -302,10 +333,14 @@ class Checkpointer:
 
     def newest_healthy(self) -> str:
         """For messages: the newest checkpoint to go back to, and how."""
-        path = healthy_checkpoint(self.run_dir) or next(iter(list_checkpoints(self.run_dir)), None)
-        if path is None:
+        healthy = healthy_checkpoint(self.run_dir)
+        if healthy is not None:
+            return (f"the newest healthy checkpoint (a finite loss was logged after it) is {healthy}: continue from "
+                    f"it with --resume {healthy}")
+        newest = next(iter(list_checkpoints(self.run_dir)), None)
+        if newest is None:
             return f"{self.run_dir} holds no checkpoint yet"
-        return f"the newest healthy checkpoint is {path} (continue from it with --resume {path})"
+        return f"the newest checkpoint is {newest} (not yet vouched for by a finite step): --resume {newest}"
 
     def mark_healthy(self, step: int) -> None:
         """A finite loss was logged at ``step``: the newest checkpoint at or before it is known to be good."""
@@ -323,17 +358,30 @@ class Checkpointer:
 
         Refuses non-finite weights (one host sync per save), naming the checkpoint to go back to; a disk or
         I/O error ends the run with one message naming the file, the free space and how to continue."""
-        ranks = dist.all_gather_objects({"rng": rng_state(), "data": data.state_dict()})
-        if not dist.is_main():
-            return None
-        bad = trainer.nonfinite_tensors()
+        bad = trainer.nonfinite_tensors()  # on every rank (the weights are the same), so all of them stop
         if bad:
             raise FloatingPointError(f"step {step}: not saving a checkpoint of non-finite weights ({len(bad)} tensors, "
                                      f"e.g. {', '.join(bad[:3])}); {self.newest_healthy()}. Lower --lr or check the "
                                      f"data.")
-        state = {"format": FORMAT, **trainer.state_dict(), "step": step, "epoch": data.epoch, "ranks": ranks,
-                 "args": self.args.to_dict()}
-        path = checkpoint_path(self.run_dir, step)
+        ranks = dist.all_gather_objects({"rng": rng_state(), "data": data.state_dict()})
+        failure = path = None
+        if dist.is_main():
+            path = checkpoint_path(self.run_dir, step)
+            state = {"format": FORMAT, **trainer.state_dict(), "step": step, "epoch": data.epoch, "ranks": ranks,
+                     "args": self.args.to_dict()}
+            try:
+                failure = self._write(state, path)
+            except BaseException:
+                dist.broadcast_from_main("the main process failed to save")
+                raise
+        failure = dist.broadcast_from_main(failure)
+        if failure:
+            raise SystemExit(failure)
+        return path
+
+    def _write(self, state: Dict[str, Any], path: Path) -> Optional[str]:
+        """Write one checkpoint and prune; returns the message for a disk/I-O failure (None when written)."""
+        checksum_path(path).unlink(missing_ok=True)  # never leave an old sidecar beside a new file
         try:
             atomic_torch_save(state, path)
         except (OSError, RuntimeError) as error:
@@ -343,11 +391,11 @@ class Checkpointer:
             free = shutil.disk_usage(self.run_dir).free / 1024 ** 3
             what = "the disk is full" if cause.errno == errno.ENOSPC else f"{cause.strerror or cause}"
             previous = next(iter(list_checkpoints(self.run_dir)), None)
-            raise SystemExit(f"[checkpoint] could not write {path}: {what} ({free:.2f} GB free on its disk). "
-                             + (f"The previous checkpoint {previous} is intact: " if previous else "")
-                             + f"free space, then continue with `--resume auto --output-dir {self.run_dir}`.") from None
+            return (f"[checkpoint] could not write {path}: {what} ({free:.2f} GB free on its disk). "
+                    + (f"The previous checkpoint {previous} is intact: " if previous else "")
+                    + f"free space, then continue with `--resume auto --output-dir {self.run_dir}`.")
         prune_checkpoints(self.run_dir, self.keep)
-        return path
+        return None
 
 
 def _os_error_in(error: BaseException) -> Optional[OSError]:

@@ -1,6 +1,6 @@
 """Differentiable augmentation for the discriminator (Zhao et al. 2020, "DiffAugment"), on [-1, 1] images.
 
-SPEC §2: colour, translation and cutout (ratio 0.2) on both real and fake inputs of the discriminator;
+docs/method.md §2: colour, translation and cutout (ratio 0.2) on both real and fake inputs of the discriminator;
 the balanced-consistency regularisation (BCR) uses the same augmentation as its "strong" augmentation.
 
 Operations, each drawn independently per sample:

@@ -1,4 +1,4 @@
-"""The DINOv2 discriminator of MedITok's released configuration (SPEC §2).
+"""The DINOv2 discriminator of MedITok's released configuration (docs/method.md §2).
 
 A frozen DINOv2 ViT-S/14 reads the image; the tokens (class token + patch tokens) of blocks 0, 2, 5, 8 and
 11, taken before the final norm, each feed a small trainable head over the token axis:

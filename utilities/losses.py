@@ -1,4 +1,4 @@
-"""Training losses of SPEC §2 (everything except the networks they use, which live in
+"""Training losses of docs/method.md §2 (everything except the networks they use, which live in
 ``perceptual.py`` and ``discriminator.py``).
 
 L_recon = 0.2·L1 + 1.0·L2 + 1.0·LPIPS + λ_adv·L_adv + 1.0·L_vq, with λ_adv adaptive (VQGAN):
@@ -91,4 +91,8 @@ class GeneratorObjective:
     latent: torch.Tensor
 
     def backward(self, rec: torch.Tensor, scale: float) -> None:
-        torch.autograd.backward([rec, self.latent * scale], [self.rec_grad * scale, None])
+        outputs, grads = [rec], [self.rec_grad * scale]
+        if self.latent.requires_grad:  # no latent term declared: nothing more to carry
+            outputs.append(self.latent * scale)
+            grads.append(None)
+        torch.autograd.backward(outputs, grads)

@@ -1,4 +1,4 @@
-"""LPIPS(VGG) perceptual loss (SPEC §2, L_recon weight 1.0), built offline from a local VGG16 file.
+"""LPIPS(VGG) perceptual loss (docs/method.md §2, L_recon weight 1.0), built offline from a local VGG16 file.
 
 The ``lpips`` package ships its learned linear layers (``lpips/weights/v0.1/vgg.pth``) but takes the VGG16
 backbone from torchvision, which downloads ``vgg16-397923af.pth``. We build ``lpips.LPIPS(net="vgg",

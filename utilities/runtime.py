@@ -32,23 +32,28 @@ class StopRequests:
     logging steps (one small collective there), so all of them save the same step."""
 
     def __init__(self, args):
-        self.args, self.reason = args, ""
+        self.args, self.reason, self.exit_code, self._announced = args, "", 0, True
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._request)
 
     def _request(self, signum, frame) -> None:
+        # only set the flag here: printing from a signal handler can re-enter a half-done stdout write
         if signum == signal.SIGINT and self.reason == "Ctrl-C":
             raise KeyboardInterrupt
         self.reason = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        if dist.is_main():
-            print(f"\n[train] {self.reason} received: stopping after this step (Ctrl-C again to interrupt at once)",
-                  flush=True)
+        self.exit_code = 128 + signum
+        self._announced = False
 
     def should_stop(self, step: int, total: int, device: torch.device) -> str:
         """'' to go on, else why to stop now (a signal, or --stop-at-step); never after the last step."""
         if step >= total:
             return ""
+        if self.reason and not self._announced and dist.is_main():
+            when = "now" if dist.world_size() == 1 else f"at the next logging step (every {self.args.log_every})"
+            print(f"\n[train] {self.reason} received: saving and stopping {when} (Ctrl-C again to interrupt at once)",
+                  flush=True)
+            self._announced = True
         reason = self.reason
         if dist.world_size() > 1:
             if step % self.args.log_every:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of SPEC §2: linear warm-up, then cosine decay to a floor. A pure function of
+"""Learning-rate schedule of docs/method.md §2: linear warm-up, then cosine decay to a floor. A pure function of
 the step, so a resumed run needs no scheduler state."""
 import math
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The training step of SPEC §2 and everything it needs: tokenizer, alignment head, frozen teacher,
+"""The training step of docs/method.md §2 and everything it needs: tokenizer, alignment head, frozen teacher,
 LPIPS, DINO discriminator, optimisers, EMA, and the run's schedule. ``train.py`` drives it over the data;
 the step benchmark (``python -m evaluation.benchmark``) drives it over synthetic batches.
 
@@ -36,7 +36,7 @@ from .schedule import Schedule
 
 
 class AlignmentHead(nn.Module):
-    """f_vision / f_text of SPEC §2: LayerNorm + linear from the teacher's width to the tokenizer's 768."""
+    """f_vision / f_text of docs/method.md §2: LayerNorm + linear from the teacher's width to the tokenizer's 768."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -86,7 +86,7 @@ def known_peak_flops(device: torch.device, bf16: bool) -> float:
 
 
 def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, Optional[Dict[str, Any]]]:
-    """Tokenizer from --init_from (weights file/folder or a previous run folder) or from scratch.
+    """Tokenizer from --init-from (weights file/folder or a previous run folder) or from scratch.
     Returns (tokenizer in train mode, discriminator-heads state of the previous run or None)."""
     disc_state = None
     if args.init_from:
@@ -101,7 +101,7 @@ def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, 
         else:
             tokenizer = meditok.load_meditok(args.init_from, img_size=args.img_size or None)
         if tokenizer.config.preset != args.preset and dist.is_main():
-            print(f"[init] --init_from holds a {tokenizer.config.preset!r} tokenizer; --preset {args.preset!r} ignored")
+            print(f"[init] --init-from holds a {tokenizer.config.preset!r} tokenizer; --preset {args.preset!r} ignored")
     else:
         torch.manual_seed(args.seed)
         tokenizer = meditok.build_meditok(args.preset, **({"img_size": args.img_size} if args.img_size else {}))
@@ -169,20 +169,20 @@ class Trainer:
         # non-finite steps, counted on the device (no host sync per step; read with the logged values)
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
         self.nonfinite_consecutive = torch.zeros((), dtype=torch.long, device=device)
-        # Every network above was initialised from the same seed on every rank. From here on each rank
-        # draws from its own stream (DiffAugment, the discriminator's crops): rank 0 continues the stream
-        # that built the networks (so a one-process run is unchanged), the others switch to their own seed.
-        if self.world > 1 and dist.rank() > 0:
-            torch.manual_seed(rank_seed(args.seed, dist.rank()))
 
         # MFU of the tokenizer's step (forward + backward ≈ 3 × forward, FLOPs counted by
         # torch.utils.flop_counter); the loss networks' FLOPs are not counted, so it is a lower bound.
         from meditok.info import forward_flops
         self.train_flops_per_image = 3 * sum(forward_flops(tokenizer, self.img_size).values())
         self.peak_flops = args.peak_tflops * 1e12 or known_peak_flops(device, self.bf16)
+        # Every network above was initialised from the same seed on every rank. From here on each rank
+        # draws from its own stream (DiffAugment, the discriminator's crops): rank 0 continues the stream
+        # that built the networks (so a one-process run is unchanged), the others switch to their own seed.
+        if self.world > 1 and dist.rank() > 0:
+            torch.manual_seed(rank_seed(args.seed, dist.rank()))
 
     def _speed_up(self) -> None:
-        """--channels_last / --compile (after the EMA copy was made: that one stays a plain module)."""
+        """--channels-last / --compile (after the EMA copy was made: that one stays a plain module)."""
         args = self.args
         self.tokenizer.speed_up(channels_last=args.channels_last, compile=args.compile, backend=args.compile_backend)
         if args.channels_last and self.lpips is not None:
@@ -277,38 +277,41 @@ class Trainer:
                 logs.update(self.backward(batch, 1.0 / len(batches), disc_active, disc_warm))
 
         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-        if not self._update(logs, disc_active):
-            return logs
+        self._update(logs, disc_active)
         with torch.no_grad():
             self.tokenizer.logit_scale.clamp_(0, math.log(100))
         if self.ema is not None:
             self.ema.update_parameters(self.tokenizer)
         return logs
 
-    def _update(self, logs: Dict[str, torch.Tensor], disc_active: bool) -> bool:
-        """The optimiser steps, unless the step was non-finite and ``--on-nonfinite skip`` (then False).
+    def _update(self, logs: Dict[str, torch.Tensor], disc_active: bool) -> None:
+        """The optimiser steps, skipped for a non-finite step under ``--on-nonfinite skip``.
 
-        Every step's finiteness (loss and gradient norm) is counted on the device; the step logger reads the
-        counters with the values it reduces anyway, so the check adds no host sync. Skipping needs the flag
-        before the update: fused optimisers (CUDA) take it as ``found_inf`` and skip on the device; on the
-        CPU the flag is read directly (a CPU tensor: no device to wait for)."""
-        finite = torch.isfinite(logs["loss/total"]) & torch.isfinite(logs["grad_norm"])
+        Every step's finiteness (loss, discriminator loss, gradient norm) is counted on the device; the step
+        logger reads the counters with the values it reduces anyway, so the check adds no host sync. Skipping
+        is decided on the gradient norm alone: it is computed from gradients DDP has already averaged, so every
+        rank takes the same decision (a NaN anywhere makes it NaN everywhere). Fused optimisers (CUDA) take the
+        flag as ``found_inf`` and skip on the device; on the CPU the flag is read directly (a CPU tensor: no
+        device to wait for)."""
+        grads_finite = torch.isfinite(logs["grad_norm"])
+        finite = grads_finite & torch.isfinite(logs["loss/total"])
+        if "loss/disc" in logs:
+            finite = finite & torch.isfinite(logs["loss/disc"])
         self.nonfinite_steps += (~finite).long()
         self.nonfinite_consecutive = (self.nonfinite_consecutive + 1) * (~finite).long()
         logs["nonfinite_steps"], logs["nonfinite_consecutive"] = self.nonfinite_steps, self.nonfinite_consecutive
         optimisers = [self.opt] + ([self.disc_opt] if disc_active else [])
         if self.args.on_nonfinite == "skip":
-            if not self.fused and not bool(finite):
+            if not self.fused and not bool(grads_finite):
                 for opt in optimisers:
                     opt.zero_grad(set_to_none=True)
-                return False
+                return
             if self.fused:
                 for opt in optimisers:
-                    opt.found_inf = (~finite).float()
+                    opt.found_inf = (~grads_finite).float()
         for opt in optimisers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return True
 
     def nonfinite_tensors(self) -> List[str]:
         """Names of trainable tensors (tokenizer, alignment head, discriminator heads) holding NaN/Inf; one
@@ -355,7 +358,9 @@ class Trainer:
             elif term.kind is LossKind.LATENT:
                 values[term.name] = term.fn(out).float()
                 latent = latent + term.weight * values[term.name]
-        objective = GeneratorObjective(torch.autograd.grad(nll, rec_in)[0], latent)
+        # (a run may declare no image-space term, e.g. all their weights 0: then ∂L/∂x̂ starts at zero)
+        rec_grad = torch.autograd.grad(nll, rec_in)[0] if nll.requires_grad else torch.zeros_like(rec_in)
+        objective = GeneratorObjective(rec_grad, latent)
         total = nll.detach() + latent.detach()
         logs: Dict[str, torch.Tensor] = {}
         adversarial = [t for t in self.loss_terms if t.kind is LossKind.ADVERSARIAL]

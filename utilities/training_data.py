@@ -124,7 +124,9 @@ class TrainingData:
             from meditok.data import StreamPosition
             self.loader = DataLoader(self.dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                      drop_last=True, pin_memory=device_type == "cuda",
-                                     persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
+                                     persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                     # its own generator: iter() must not draw from the training RNG
+                                     generator=torch.Generator().manual_seed(args.seed))
             self.position = StreamPosition(args.num_workers)
             samples = args.samples_per_epoch or self.dataset.num_samples  # write_shards' index.json knows it
             if not args.max_steps and not samples:
@@ -206,7 +208,11 @@ class TrainingData:
         return batch
 
     def next_batches(self, n: int) -> List[Dict[str, Any]]:
-        """The ``n`` micro-batches of the next optimiser step."""
+        """The ``n`` micro-batches of the next optimiser step (CSV: never spanning two epochs; the micro-batches
+        left over at the end of an epoch are dropped, as ``steps_per_epoch`` counts)."""
+        if not self.sharded and self.batch_in_epoch >= self.steps_per_epoch:
+            self._epoch, self.batch_in_epoch = self._epoch + 1, 0
+            self._iterator = None
         batches = [self._next() for _ in range(n)]
         if not self.sharded:
             self.batch_in_epoch += 1

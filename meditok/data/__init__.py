@@ -1,7 +1,7 @@
 """MedITok's medical image data pipeline.
 
 Reading (every format to a [3, H, W] tensor in [-1, 1]), datasets (CSV and webdataset shards),
-transforms (SPEC §3 augmentations), seeding (meditok.seeding), and the quality rules the data tools apply.
+transforms (docs/method.md §3 augmentations), seeding (meditok.seeding), and the quality rules the data tools apply.
 Quick use::
 
     from meditok.data import read_image

@@ -62,6 +62,7 @@ def write_shards(
     validate: bool = True,
     on_error: str = "raise",
     progress: bool = False,
+    mtime: float | None = None,
 ) -> dict[str, Any]:
     """Convert a metadata CSV and its images into webdataset tar shards plus index.json.
 
@@ -74,6 +75,8 @@ def write_shards(
         on_error: 'raise' stops at the first bad image (MedicalImageError naming the file and the
             CSV line); 'skip' leaves it out and lists it in out_dir/bad_samples.csv.
         progress: show a tqdm progress bar.
+        mtime: modification time stamped on every tar member; None (webdataset's default) uses the
+            current time, a fixed value (e.g. 0) makes the shards byte-reproducible.
 
     Returns:
         the index dict (also written to out_dir/index.json), with "skipped" added.
@@ -113,7 +116,7 @@ def write_shards(
                     writer.close()
                     writer = None
                 name = f"{prefix}-{len(shards):06d}.tar"
-                writer = wds.TarWriter(str(out_dir / name))
+                writer = wds.TarWriter(str(out_dir / name), mtime=mtime)
                 shards.append({"name": name, "num_samples": 0})
             writer.write(
                 {

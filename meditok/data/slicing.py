@@ -1,4 +1,4 @@
-"""3D -> 2D conversion as in the paper (SPEC §3, appendix A.2.1).
+"""3D -> 2D conversion as in the paper (docs/method.md §3, appendix A.2.1).
 
 CT: HU clipped to [-1000, 2000], every 5th slice along each of the three axes, kept by
 :func:`ct_slice_rejection_reasons`, stored as 16-bit PNGs holding round(HU) + 1024.
@@ -128,7 +128,7 @@ def save_png(path: str | Path, pixels: np.ndarray, compress_level: int = 6) -> N
 def save_slice_png(
     path: str | Path, volume_slice_: VolumeSlice, modality: str, compress_level: int = 6
 ):
-    """Store a slice the way SPEC §3 stores it: CT as 16-bit HU + 1024, MRI as 8-bit."""
+    """Store a slice the way docs/method.md §3 stores it: CT as 16-bit HU + 1024, MRI as 8-bit."""
     if modality == "ct":
         save_png(path, ct_png_values(volume_slice_.pixels), compress_level)
     else:

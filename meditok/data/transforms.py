@@ -1,4 +1,4 @@
-"""Tensor transforms: stage-1 augmentation, CT window augmentation, evaluation resize (SPEC §3).
+"""Tensor transforms: stage-1 augmentation, CT window augmentation, evaluation resize (docs/method.md §3).
 
 All transforms take and return float tensors in [-1, 1] ([3, H, W], or [B, 3, H, W] where
 noted), except :class:`RandomCTWindow`, which takes Hounsfield units. Randomness comes from
@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from .windows import CT_WINDOWS, DEFAULT_CT_WINDOW, CTWindow, ct_window
 
-# Released stage-1 defaults (SPEC §3).
+# Released stage-1 defaults (docs/method.md §3).
 CROP_SCALE = (0.9, 1.0)
 HORIZONTAL_FLIP_P = 0.5
 VERTICAL_FLIP_P = 0.5
@@ -25,7 +25,7 @@ CT_WINDOW_P = 0.5
 class RandomCTWindow(torch.nn.Module):
     """Window CT Hounsfield units, drawing a random named window with probability `p`.
 
-    With probability `p` a window is drawn from `windows` by their probabilities (SPEC: full 0.2,
+    With probability `p` a window is drawn from `windows` by their probabilities (docs/method.md §3: full 0.2,
     common 0.3, soft tissue 0.3, lung 0.15, bone 0.05); otherwise the `default` window is used.
     Pass an instance as the `ct_window` of a dataset so it sees HU, not an already-windowed image.
 
@@ -92,7 +92,7 @@ class ClampToUnitRange(torch.nn.Module):
 
 
 def stage1_augmentation(size: int) -> v2.Compose:
-    """Released stage-1 training augmentation (SPEC §3), for images in [-1, 1].
+    """Released stage-1 training augmentation (docs/method.md §3), for images in [-1, 1].
 
     Random resized crop to `size` x `size` with scale (0.9, 1.0) (torchvision's default aspect
     ratios 3/4..4/3, bilinear with antialiasing), horizontal and
@@ -115,7 +115,7 @@ def stage1_augmentation(size: int) -> v2.Compose:
 def eval_transform(size: int) -> v2.Compose:
     """Evaluation preprocessing: resize the short side to `size`, then centre-crop to a square.
 
-    For square inputs this is exactly the SPEC's "resize only"; for others, the centre crop keeps
+    For square inputs this is exactly the "resize only" of docs/method.md §3; for others, the centre crop keeps
     the aspect ratio instead of distorting it. Bilinear with antialiasing.
 
     Input: float tensor [3, H, W] in [-1, 1]. Output: [3, size, size] in [-1, 1].

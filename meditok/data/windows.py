@@ -1,4 +1,4 @@
-"""CT intensity windows (SPEC §3).
+"""CT intensity windows (docs/method.md §3).
 
 CT pixels are Hounsfield units (HU): air -1000, water 0, bone several hundred and up. A *window*
 [low, high] maps HU linearly to [-1, 1] and clips outside, which is how every CT image reaches the

@@ -39,6 +39,7 @@ from meditok.data import (
     read_volume,
     rgb_proxy,
 )
+from meditok.data.packaged import block_mean, collapse_gray
 from meditok.data.slicing import CT_HU_CLIP, ct_png_values, save_png, signed_to_uint8
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,14 +69,6 @@ def skimage_file(name: str) -> Path:
 # ----- pixel helpers (all deterministic, integer-exact where possible)
 
 
-def block_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
-    """Downsample by an integer factor, averaging factor x factor blocks (crops the remainder)."""
-    rows, cols = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
-    trimmed = pixels[:rows, :cols].astype(np.float64)
-    shape = (rows // factor, factor, cols // factor, factor) + pixels.shape[2:]
-    return trimmed.reshape(shape).mean(axis=(1, 3))
-
-
 def upsample(pixels: np.ndarray, factor: int) -> np.ndarray:
     """Upsample uint8 pixels by an integer factor with Pillow's bicubic filter."""
     image = Image.fromarray(pixels)
@@ -91,18 +84,13 @@ def box_resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def to_uint8(image_signed) -> np.ndarray:
     """read_image output [3, H, W] in [-1, 1] -> uint8 [H, W] if gray, else [H, W, 3]."""
-    pixels = signed_to_uint8(image_signed.permute(1, 2, 0).numpy())
-    if np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(
-        pixels[..., 1], pixels[..., 2]
-    ):
-        return pixels[..., 0]
-    return pixels
+    return collapse_gray(signed_to_uint8(image_signed.permute(1, 2, 0).numpy()))
 
 
 def ct_pixels(
     source: Path, factor: int = 1, crop: tuple[int, int, int, int] | None = None
 ) -> np.ndarray:
-    """CT DICOM -> uint16 HU + 1024, clipped to the SPEC's [-1000, 2000], optionally cropped
+    """CT DICOM -> uint16 HU + 1024, clipped to the paper's [-1000, 2000], optionally cropped
     (top, left, height, width) and block-averaged."""
     hu = read_ct_hu(source)[0].numpy().astype(np.float64)
     if crop is not None:
@@ -162,7 +150,7 @@ def examples() -> list[Example]:
     ihc = lambda: rgb_file(skimage_file("ihc.png"))  # noqa: E731
     cell = lambda: rgb_file(skimage_file("cell.png"))  # noqa: E731
     return [
-        # CT: 16-bit PNG holding HU + 1024 (SPEC §3)
+        # CT: 16-bit PNG holding HU + 1024 (docs/method.md §3)
         Example(
             "ct/thorax_vertebra.png",
             "ct",
@@ -207,7 +195,7 @@ def examples() -> list[Example]:
             "Close-up of an axial head CT showing the skull vault and the brain surface.",
             lambda: ct_pixels(pydicom_file("693_J2KI.dcm"), crop=(96, 128, 256, 256)),
         ),
-        # MRI: 8-bit PNG after the SPEC's percentile normalisation
+        # MRI: 8-bit PNG after the paper's percentile normalisation
         Example(
             "mri/abdomen_liver_lesion.png",
             "mri",

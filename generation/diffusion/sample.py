@@ -1,0 +1,144 @@
+"""Sample from a trained joint diffusion model: text→image, image→report or joint image + report.
+
+    # text → image, one image per prompt, label = modality
+    python -m generation.diffusion.sample --checkpoint runs/diffusion_tiny/checkpoints/latest.pt \\
+        --task text_to_image --label ct --prompt "Axial CT of the thorax" --num 4 --out runs/diffusion_tiny/gen
+    # image → report for the first rows of a token cache
+    python -m generation.diffusion.sample --checkpoint ... --task image_to_text --cache runs/diffusion_tiny/tokens/examples_train --num 8
+    # joint: images and their reports from a label alone
+    python -m generation.diffusion.sample --checkpoint ... --task joint --label mri --num 8
+
+Writes ``OUT/<task>.png`` (images decoded by ``--meditok``, default the cache's tokenizer when given),
+``OUT/<task>.json`` (reports, prompts, labels) and ``OUT/<task>_ids.pt``; prints images/s and text tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from generation.diffusion.sampler import METHODS, SAMPLE_TASKS, SamplerOptions, sample
+from generation.diffusion.train import load_for_inference
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m generation.diffusion.sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="diffusion checkpoint (runs/.../checkpoints/latest.pt)")
+    p.add_argument("--task", required=True, choices=SAMPLE_TASKS)
+    p.add_argument("--prompt", nargs="*", default=None, help="text_to_image: report text(s); cycled to --num")
+    p.add_argument("--label", default=None, help="modality label name (default: the null label, unconditional)")
+    p.add_argument("--cache", default=None, help="image_to_text: token cache whose first --num rows are described")
+    p.add_argument("--meditok", default=None, help="MedITok to decode images (default: the cache's tokenizer source)")
+    p.add_argument("--num", type=int, default=4, help="samples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--method", default="confidence", choices=METHODS)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/diffusion_samples")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    model, codec, payload = load_for_inference(args.checkpoint, device)
+    names = model.config.condition_names
+    if args.label is not None and args.label not in names:
+        raise ValueError(f"--label {args.label!r} is not one of the model's labels {names}")
+    label = names.index(args.label) if args.label is not None else model.null_label
+    cache = None
+    if args.cache:
+        from generation.token_cache import TokenCache
+        cache = TokenCache(args.cache, label_names=names)
+        if payload.get("tokenizer_fingerprint") not in (None, cache.fingerprint):
+            raise ValueError(f"{args.cache} holds ids of another MedITok than {args.checkpoint} was trained on")
+    if args.task == "text_to_image" and not args.prompt:
+        raise ValueError("--task text_to_image needs --prompt TEXT [TEXT ...]")
+    if args.task == "image_to_text" and cache is None:
+        raise ValueError("--task image_to_text needs --cache (the images, as MedITok ids)")
+    decoder_source = args.meditok or (cache.manifest.get("tokenizer_source") if cache is not None else None)
+    decoder = None
+    if decoder_source and args.task != "image_to_text":
+        from meditok import load_meditok
+        decoder = load_meditok(decoder_source).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = SamplerOptions(steps=args.steps, method=args.method, temperature=args.temperature,
+                             cfg_scale=args.cfg_scale)
+    texts, images, prompts, labels_out, seconds = [], [], [], [], 0.0
+    for start in range(0, args.num, args.batch_size):
+        b = min(args.batch_size, args.num - start)
+        labels = torch.full((b,), label, device=device)
+        text_ids = image_ids = None
+        if args.task == "text_to_image":
+            batch_prompts = [args.prompt[(start + i) % len(args.prompt)] for i in range(b)]
+            prompts += batch_prompts
+            text_ids = codec.encode(batch_prompts, source="prompts").to(device)
+        if args.task == "image_to_text":
+            rows = [cache[i] for i in range(start, min(start + b, len(cache)))]
+            b = len(rows)
+            if b == 0:
+                break
+            image_ids = torch.stack([r["ids"] for r in rows]).to(device)
+            labels = torch.tensor([r["label"] for r in rows], device=device)
+            prompts += [r["caption"] for r in rows]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        out_text, out_image = sample(model, task=args.task, labels=labels, text_ids=text_ids, image_ids=image_ids,
+                                     options=options, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - began
+        texts += codec.decode(out_text)
+        images.append(out_image.cpu())
+        labels_out += [names[i] if i < len(names) else "null" for i in labels.tolist()]
+    n = len(texts)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = torch.cat(images)
+    torch.save(ids, out_dir / f"{args.task}_ids.pt")
+    record = {"task": args.task, "labels": labels_out, "steps": args.steps, "method": args.method,
+              "cfg_scale": args.cfg_scale, "seconds": seconds}
+    if args.task == "text_to_image":
+        record["prompts"] = prompts
+    if args.task == "image_to_text":
+        record.update(references=prompts, reports=texts)
+    if args.task == "joint":
+        record["reports"] = texts
+    if args.task != "image_to_text":
+        record["images_per_s"] = n / seconds
+        print(f"[sample] {args.task}: {n} images in {seconds:.2f} s = {n / seconds:.2f} images/s ({args.steps} steps)")
+    if args.task != "text_to_image":
+        record["text_tokens_per_s"] = n * model.config.text_len / seconds
+        print(f"[sample] {args.task}: {n} reports, {record['text_tokens_per_s']:.0f} text tokens/s ({args.steps} steps)")
+    if decoder is not None:
+        from torchvision.utils import save_image
+        pixels = torch.cat([decoder.idx_to_img(ids[s:s + 16].to(device), model.config.grid).cpu()
+                            for s in range(0, len(ids), 16)])
+        save_image((pixels + 1) / 2, out_dir / f"{args.task}.png", nrow=min(8, n))
+        record["grid"] = str(out_dir / f"{args.task}.png")
+    (out_dir / f"{args.task}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[sample] wrote {out_dir / (args.task + '.json')}")
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Train the joint image–report diffusion model on a token cache (images as MedITok ids + captions).
+
+    python -m generation.diffusion.train --config configs/diffusion_tiny_cpu.json
+    torchrun --nproc-per-node 4 -m generation.diffusion.train --config configs/diffusion_b_gpu.json
+    python -m generation.diffusion.train --config configs/diffusion_tiny_cpu.json --resume auto
+
+A run folder (``--out``) holds ``checkpoints/latest.pt`` (+ ``step_XXXXXXX.pt`` every ``--save-every``),
+``metrics.jsonl`` (one line per ``--log-every`` steps), ``samples/step_XXXXXXX/`` (text→image grid,
+joint grid, image→report and joint reports) and ``config.json``. Runs are exactly resumable: the
+data order, the masks and the dropout of step s are drawn from seeds that depend only on
+(seed, s, rank), so ``--resume auto`` continues bit-for-bit where the last checkpoint left off.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from generation.diffusion.masking import SCHEDULES, MaskSchedule, TaskMix, diffusion_loss
+from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfigError, JointDiffusionTransformer,
+                                        check_same_architecture, config_from_checkpoint, get_config)
+from generation.diffusion.sampler import SamplerOptions, sample
+from generation.text import TextCodec, load_text_tokenizer
+from meditok.checkpoint import _atomic_write
+
+CHECKPOINT_FORMAT = "meditok-joint-diffusion-v1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m generation.diffusion.train",
+        description="Train the joint image–report masked-diffusion model over MedITok token ids. Values in "
+                    "--config (JSON, keys are these flags with '_' for '-') are defaults; flags override them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="JSON file of defaults, e.g. configs/diffusion_tiny_cpu.json")
+    d = p.add_argument_group("data")
+    d.add_argument("--cache", default=None, help="token cache folder (python -m generation.tokenize_dataset)")
+    d.add_argument("--text-tokenizer", default=None,
+                   help="local HF tokenizer folder for the reports (HF backbone: defaults to the backbone folder)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset")
+    m.add_argument("--backbone", default=None, help="preset hf: local folder of a transformers causal LM")
+    m.add_argument("--num-layers", type=int, default=None, help="preset hf: keep the first N decoder layers")
+    m.add_argument("--text-len", type=int, default=None, help="text budget in tokens (preset default)")
+    m.add_argument("--condition-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    m.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=200, help="optimiser steps")
+    o.add_argument("--batch-size", type=int, default=8, help="samples per process per step")
+    o.add_argument("--lr", type=float, default=3e-4)
+    o.add_argument("--weight-decay", type=float, default=0.05)
+    o.add_argument("--warmup-steps", type=int, default=20)
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--schedule", default="loglinear", choices=SCHEDULES, help="masking schedule α(t)")
+    o.add_argument("--text-weight", type=float, default=1.0, help="λ in L_image + λ·L_text")
+    o.add_argument("--task-mix", default="1,1,1", help="relative probabilities of joint, image|text, text|image")
+    o.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default="runs/diffusion", help="run folder")
+    r.add_argument("--resume", default="none", help="'auto' (latest.pt in --out if any), a checkpoint path, or 'none'")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--save-every", type=int, default=100, help="keep a numbered checkpoint every N steps (latest.pt "
+                                                                 "is rewritten at the same times and at the end)")
+    r.add_argument("--sample-every", type=int, default=0, help="write samples every N steps (0 = only at the end)")
+    r.add_argument("--sample-steps", type=int, default=16, help="unmasking steps of the samples written in training")
+    r.add_argument("--num-samples", type=int, default=4, help="samples per task in the sample folders")
+    r.add_argument("--meditok", default=None,
+                   help="MedITok checkpoint to decode sample ids into images (default: the cache's tokenizer "
+                        "source if it is a file; otherwise ids are saved without images)")
+    r.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        path = Path(pre.config)
+        if not path.is_file():
+            parser.error(f"--config {path} does not exist")
+        values = json.loads(path.read_text())
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+        if unknown:
+            parser.error(f"{path}: unknown key(s) {unknown}; valid keys are the flags of --help")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    args = parser.parse_args(argv)
+    if args.cache is None:
+        parser.error("--cache is required (a token cache folder from python -m generation.tokenize_dataset)")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed
+
+def init_distributed(device: str) -> torch.device:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device)
+
+
+def rank_world() -> tuple:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+class StepBatchSampler(Sampler):
+    """Batches of indices indexed by the global step: the stream is epoch permutations (seeded by
+    (seed, epoch)) laid end to end; step s uses items [s·G, (s+1)·G) of it (G = batch·world) and
+    rank r takes its slice r·batch … (r+1)·batch. Starting at ``start_step`` reproduces a resumed run."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, start_step: int, steps: int):
+        if size == 0:
+            raise ValueError("the dataset is empty")
+        self.size, self.batch, self.seed = size, batch_size, seed
+        self.rank, self.world, self.start, self.steps = rank, world, start_step, steps
+        self._perms: Dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.size, generator=g)
+        return self._perms[epoch]
+
+    def indices_for_step(self, step: int) -> List[int]:
+        g_batch = self.batch * self.world
+        first = step * g_batch + self.rank * self.batch
+        out = []
+        for pos in range(first, first + self.batch):
+            epoch, within = divmod(pos, self.size)
+            out.append(int(self._perm(epoch)[within]))
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for step in range(self.start, self.steps):
+            yield self.indices_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+class CaptionCollate:
+    """dict(ids [8, N], label, caption, ...) items → (text [B, Lt], image [B, 8, N], labels [B])."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+
+    def __call__(self, items: List[Dict[str, Any]]):
+        image = torch.stack([item["ids"] for item in items]).long()
+        labels = torch.tensor([int(item["label"]) for item in items], dtype=torch.long)
+        text = self.codec.encode([item["caption"] for item in items])
+        return text, image, labels
+
+
+def cache_codebook_size(cache) -> int:
+    """Codebook size of the cache's tokenizer (manifest, else its preset's, else MedITok's 4096)."""
+    if "codebook_size" in cache.manifest:
+        return int(cache.manifest["codebook_size"])
+    from meditok.config import PRESETS as MEDITOK_PRESETS
+    preset = cache.manifest.get("tokenizer_preset")
+    return MEDITOK_PRESETS[preset].codebook_size if preset in MEDITOK_PRESETS else 4096
+
+
+def open_cache(path: str):
+    from generation.token_cache import TokenCache  # the synthesis package's cache (one cache format for both)
+    return TokenCache(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+
+def model_config(args: argparse.Namespace, codec: TextCodec, grid, codebook_size: int, num_codebooks: int,
+                 label_names: List[str]) -> DiffusionConfig:
+    overrides: Dict[str, Any] = dict(text_vocab_size=codec.vocab_size, grid=tuple(grid), codebook_size=codebook_size,
+                                     num_codebooks=num_codebooks, condition_names=list(label_names),
+                                     condition_dropout=args.condition_dropout,
+                                     grad_checkpointing=bool(args.grad_checkpointing),
+                                     text_tokenizer=str(args.text_tokenizer))
+    if args.text_len is not None:
+        overrides["text_len"] = args.text_len
+    if args.backbone is not None:
+        overrides["backbone"] = args.backbone
+    if args.num_layers is not None:
+        overrides["num_layers"] = args.num_layers
+    if args.preset != "hf" and args.backbone not in (None, "scratch"):
+        raise DiffusionConfigError(f"--backbone {args.backbone} needs --preset hf (preset {args.preset!r} is from scratch)")
+    return get_config(args.preset, **overrides)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95); no weight decay on biases, norms, embeddings' 1-d params."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 10 % of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank) % (2 ** 63)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path: Path, model: JointDiffusionTransformer, optimizer, step: int, args: argparse.Namespace,
+                    extra: Dict[str, Any]) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "diffusion_config": model.config.to_dict(),
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "optimizer": optimizer.state_dict(), "step": step, "args": vars(args), **extra}
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; use --resume auto or a file in <out>/checkpoints/")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise DiffusionConfigError(f"{path} is not a joint-diffusion checkpoint (format "
+                                   f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
+    return payload
+
+
+def resolve_resume(resume: str, out: Path) -> Optional[Path]:
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        latest = out / "checkpoints" / "latest.pt"
+        return latest if latest.is_file() else None
+    return Path(resume)
+
+
+def load_for_inference(path, device="cpu"):
+    """A checkpoint → (model in eval mode, TextCodec, payload)."""
+    payload = load_checkpoint(Path(path))
+    config = config_from_checkpoint(payload, str(path))
+    model = JointDiffusionTransformer(config)
+    model.load_state_dict(payload["model"])
+    codec = TextCodec(load_text_tokenizer(config.text_tokenizer), config.text_len)
+    return model.to(device).eval(), codec, payload
+
+
+# --------------------------------------------------------------------------------------------------
+# Samples written during training
+
+@torch.no_grad()
+def write_samples(model: JointDiffusionTransformer, codec: TextCodec, dataset: Dataset, out_dir: Path,
+                  num: int, steps: int, seed: int, decoder=None) -> Dict[str, Any]:
+    """Text→image from the first ``num`` captions, image→report from their images, ``num`` joint samples.
+    Writes ids (.pt), reports (.json) and, with a MedITok ``decoder``, PNG grids."""
+    device = next(model.parameters()).device
+    items = [dataset[i] for i in range(min(num, len(dataset)))]
+    text = codec.encode([it["caption"] for it in items], source="sample captions").to(device)
+    image = torch.stack([it["ids"] for it in items]).long().to(device)
+    labels = torch.tensor([int(it["label"]) for it in items], device=device)
+    options = SamplerOptions(steps=steps)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, t2i = sample(model, task="text_to_image", labels=labels, text_ids=text, options=options, generator=g)
+    i2t, _ = sample(model, task="image_to_text", labels=labels, image_ids=image, options=options, generator=g)
+    joint_text, joint_image = sample(model, task="joint", labels=labels, options=options, generator=g)
+    torch.save({"text_to_image": t2i.cpu(), "joint_image": joint_image.cpu(), "joint_text": joint_text.cpu()},
+               out_dir / "ids.pt")
+    names = model.config.condition_names
+    reports = {
+        "image_to_text": [{"reference": it["caption"], "generated": g_} for it, g_ in zip(items, codec.decode(i2t))],
+        "joint": [{"label": names[int(l)] if int(l) < len(names) else "null", "generated": g_}
+                  for l, g_ in zip(labels.tolist(), codec.decode(joint_text))],
+        "text_to_image_prompts": [it["caption"] for it in items],
+    }
+    (out_dir / "reports.json").write_text(json.dumps(reports, indent=2) + "\n")
+    if decoder is not None:
+        from torchvision.utils import save_image
+        grid = model.config.grid
+        for name, ids in (("text_to_image", t2i), ("joint", joint_image), ("real", image)):
+            pixels = decoder.idx_to_img(ids.to(decoder.device), grid).cpu()
+            save_image((pixels + 1) / 2, out_dir / f"{name}.png", nrow=len(items))
+    return reports
+
+
+def load_decoder(source: Optional[str], cache, device: torch.device):
+    """MedITok to turn sample ids into pixels, checked against the cache's tokenizer fingerprint."""
+    candidate = source or cache.manifest.get("tokenizer_source")
+    if not candidate or not Path(str(candidate)).exists():
+        print(f"[diffusion] no MedITok checkpoint to decode samples ({candidate!r}); sample ids only "
+              f"(pass --meditok to get PNG grids)")
+        return None
+    from meditok import load_meditok
+    from generation.token_cache import tokenizer_fingerprint
+    decoder = load_meditok(candidate, img_size=cache.img_size).to(device).eval()
+    if tokenizer_fingerprint(decoder) != cache.fingerprint:
+        raise DiffusionConfigError(f"--meditok {candidate} is not the tokenizer of the cache {cache.path} "
+                                   f"(fingerprints differ); pass the checkpoint the cache was made with")
+    return decoder
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class RunState:
+    step: int = 0
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    device = init_distributed(args.device)
+    rank, world = rank_world()
+    out = Path(args.out)
+    cache = open_cache(args.cache)
+    if args.text_tokenizer is None:
+        if args.preset == "hf" and args.backbone:
+            args.text_tokenizer = args.backbone
+        else:
+            raise DiffusionConfigError("--text-tokenizer is required for from-scratch presets (a local HF tokenizer "
+                                       "folder; make one with python -m generation.diffusion.make_tokenizer)")
+    text_len = args.text_len or (PRESETS[args.preset].text_len)
+    codec = TextCodec(load_text_tokenizer(args.text_tokenizer), text_len)
+    codebook_size = cache_codebook_size(cache)
+    config = model_config(args, codec, cache.grid, codebook_size, cache.num_codebooks, cache.label_names)
+
+    resume_path = resolve_resume(args.resume, out)
+    payload = load_checkpoint(resume_path) if resume_path is not None else None
+    if payload is not None:
+        check_same_architecture(config_from_checkpoint(payload, str(resume_path)), config, str(resume_path))
+        if payload.get("tokenizer_fingerprint") not in (None, cache.fingerprint):
+            raise DiffusionConfigError(f"{resume_path} was trained on ids of another MedITok (fingerprint "
+                                       f"{payload['tokenizer_fingerprint'][:16]}) than the cache {cache.path} "
+                                       f"({cache.fingerprint[:16]}); resume with the same cache")
+    torch.manual_seed(args.seed)
+    model = JointDiffusionTransformer(config).to(device)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    start = 0
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        start = int(payload["step"])
+        if rank == 0:
+            print(f"[diffusion] resumed from {resume_path} at step {start}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    sampler = StepBatchSampler(len(cache), args.batch_size, args.seed, rank, world, start, args.steps)
+    loader = DataLoader(cache, batch_sampler=sampler, collate_fn=CaptionCollate(codec), num_workers=args.num_workers)
+    schedule = MaskSchedule(args.schedule)
+    mix = TaskMix(*[float(v) for v in str(args.task_mix).split(",")])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2) + "\n")
+        print(f"[diffusion] {config.preset} model, {model.num_parameters() / 1e6:.2f} M parameters, "
+              f"{model.num_layers} blocks; {len(cache)} samples, text budget {config.text_len}, grid {config.grid}; "
+              f"device {device}, world {world}, {'bf16' if use_bf16 else 'fp32'}")
+    extra = {"tokenizer_fingerprint": cache.fingerprint}
+    metrics_path = out / "metrics.jsonl"
+    last: Dict[str, Any] = {}
+    window: Dict[str, float] = {}
+    timer, seen = time.perf_counter(), 0
+    from tqdm import tqdm
+    progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="diffusion", dynamic_ncols=True)
+    step = start
+    for text, image, labels in loader:
+        text, image, labels = text.to(device), image.to(device), labels.to(device)
+        torch.manual_seed(step_seed(args.seed, step, rank))  # dropout & label dropout of this step
+        generator = torch.Generator().manual_seed(step_seed(args.seed, step, rank) + 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.warmup_steps, args.steps)
+        model.train()
+        with autocast():
+            parts = diffusion_loss(ddp, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
+                                   generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        seen += text.shape[0] * world
+        for key, value in parts.items():
+            window[key] = window.get(key, 0.0) + float(value.detach())
+        window["n"] = window.get("n", 0) + 1
+        progress.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.perf_counter() - timer
+            last = {"step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
+                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": seen / max(elapsed, 1e-9)}
+            if rank == 0:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(last) + "\n")
+                progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
+                                     txt=f"{last['text_ce']:.3f}")
+            window, timer, seen = {}, time.perf_counter(), 0
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(out / "checkpoints" / "latest.pt", model, optimizer, step, args, extra)
+            if step % args.save_every == 0:
+                save_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt", model, optimizer, step, args, extra)
+        if rank == 0 and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
+            decoder = load_decoder(args.meditok, cache, device) if args.num_samples else None
+            if args.num_samples:
+                write_samples(model, codec, cache, out / "samples" / f"step_{step:07d}", args.num_samples,
+                              args.sample_steps, args.seed, decoder)
+    progress.close()
+    if codec.truncated and rank == 0:
+        print(f"[diffusion] {codec.truncated} of {codec.seen} captions were truncated to {config.text_len} tokens")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": step, "last": last, "truncated": codec.truncated}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError) as error:  # config, cache and tokenizer errors name the fix
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""Train the autoregressive generator on a token cache (paper Table 3 recipe: AdamW (0.9, 0.95), weight decay
+0.05, lr 1e-4, batch 128, 200 epochs, class dropout for CFG).
+
+Examples::
+
+    python -m generation.train_ar --config configs/synthesis_tiny_cpu.json          # minutes on a CPU
+    torchrun --nproc_per_node 8 -m generation.train_ar --config configs/synthesis_B_h100.json \\
+        --train-cache runs/tokens/medmnist_train --val-cache runs/tokens/medmnist_val
+    python -m generation.train_ar --config ... --resume auto                          # continue a stopped run
+
+A run folder holds ``metrics.jsonl`` (loss, lr, images/s, tokens/s, MFU; val loss every --eval-every),
+``ckpt-*.pth`` (atomic, the last --keep-checkpoints), ``samples/step-*/grid_<label>.png`` every
+--sample-every steps, ``baselines.json`` (the unigram code distribution's cross-entropy on the
+validation cache), ``loss_curves.png``, ``config.json`` (resolved settings) and the final ``generator.pth``
+(load with ``generation.ar_model.load_generator``; sample with ``python -m generation.sample``).
+
+The loop is made of named parts: :class:`TokenBatches` (which rows each step and rank reads),
+:class:`Checkpointer` (atomic save / resume), :class:`RunLogger` (metrics.jsonl, console, plot) and
+:class:`SampleGrids` (decoded samples per label). Resuming is exact: the batch of step s and its
+class-dropout draws depend only on (seed, s), and model, EMA and optimizer state are restored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .ar_model import ARGenerator, ARConfig, generator_payload, get_ar_config
+from .token_cache import TokenCache, TokenCacheError, check_same_tokenizer
+
+# Dense bf16 peak of common accelerators (TFLOP/s), for model-FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (a JSON config file sets any of them; command-line flags override)."""
+
+    train_cache: str = ""
+    val_cache: str = ""
+    out: str = "runs/synthesis"
+    preset: str = "tiny"
+    head: str = "sequential"
+    model: Dict[str, Any] = field(default_factory=dict)   # ARConfig overrides (e.g. {"class_dropout": 0.1})
+    batch_size: int = 128          # global, over all processes
+    epochs: float = 200.0
+    max_steps: int = 0             # > 0: stop here instead of after `epochs`
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema: float = 0.0               # EMA decay (0 = off)
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16: bool = True              # autocast bf16 on GPU (always off on CPU)
+    log_every: int = 10
+    eval_every: int = 100
+    sample_every: int = 0          # 0 = only at the end
+    sample_per_label: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    peak_tflops: float = 0.0       # 0: look the GPU up in PEAK_BF16_TFLOPS
+    resume: str = ""               # "auto" = the newest ckpt in `out`, or a checkpoint path
+
+    @classmethod
+    def from_sources(cls, config_path: Optional[str], overrides: Dict[str, Any]) -> "TrainConfig":
+        values: Dict[str, Any] = {}
+        if config_path:
+            path = Path(config_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: config file not found (see configs/synthesis_*.json)")
+            values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+class TokenBatches:
+    """Which cache rows each step reads: a fresh permutation per epoch (seeded by seed and epoch), full
+    global batches only, each rank taking its contiguous slice. ``class_dropout_uniform(step)`` gives the
+    global batch's class-dropout draws, sliced the same way, so N processes train exactly like one."""
+
+    def __init__(self, cache: TokenCache, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+        if len(cache) < global_batch:
+            raise ValueError(f"{cache.path}: {len(cache)} rows, fewer than one batch of {global_batch}; lower --batch-size")
+        self.cache, self.global_batch, self.seed = cache, global_batch, seed
+        self.rank, self.local_batch = rank, global_batch // world_size
+        self.steps_per_epoch = len(cache) // global_batch
+
+    def global_indices(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
+        return order[within * self.global_batch:(within + 1) * self.global_batch]
+
+    def _mine(self, values):
+        return values[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+
+    def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(ids [b, 8, L] int64, labels [b] int64) of this rank at ``step``."""
+        return self.cache.batch(self._mine(self.global_indices(step)))
+
+    def class_dropout_uniform(self, step: int) -> torch.Tensor:
+        draws = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)
+        return torch.from_numpy(self._mine(draws))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+class Checkpointer:
+    """``ckpt-{step:07d}.pth`` written atomically (temp file + fsync + rename), the newest ``keep`` kept."""
+
+    def __init__(self, out: Path, keep: int = 2):
+        self.out, self.keep = out, max(1, keep)
+
+    def paths(self) -> List[Path]:
+        return sorted(self.out.glob("ckpt-*.pth"))
+
+    def latest(self) -> Optional[Path]:
+        paths = self.paths()
+        return paths[-1] if paths else None
+
+    def save(self, payload: Dict[str, Any], step: int) -> Path:
+        path = self.out / f"ckpt-{step:07d}.pth"
+        atomic_torch_save(payload, path)
+        for old in self.paths()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint to resume from not found (use --resume auto for the newest in {self.out})")
+        return path
+
+
+def atomic_torch_save(payload: Any, path: Path) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+
+class RunLogger:
+    """metrics.jsonl (one JSON object per logged step), a console line, and loss curves at the end."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.path, self.enabled = out / "metrics.jsonl", enabled
+
+    def write(self, record: Dict[str, Any], echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if echo:
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if self.enabled and self.path.is_file():
+            lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+            self.path.write_text("".join(l + "\n" for l in lines))
+
+    def plot(self, out_path: Path) -> Optional[Path]:
+        if not self.enabled or not self.path.is_file():
+            return None
+        records = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if not train:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss", lw=1.2)
+        baselines = self.path.parent / "baselines.json"
+        if baselines.is_file():
+            unigram = json.loads(baselines.read_text()).get("unigram_train_fit_on_val")
+            if unigram:
+                ax.axhline(unigram, color="gray", ls="--", label="unigram (train fit) on val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats per code)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_path, dpi=110)
+        plt.close(fig)
+        return out_path
+
+
+class SampleGrids:
+    """Per-label sample grids decoded with the cache's tokenizer (skipped, with one warning, when that
+    tokenizer cannot be loaded, e.g. the cache was moved to another machine)."""
+
+    def __init__(self, cache: TokenCache, device: torch.device, per_label: int):
+        self.label_names, self.per_label, self.tokenizer = cache.label_names, per_label, None
+        source = cache.manifest.get("tokenizer_source")
+        try:
+            import meditok
+
+            self.tokenizer = meditok.load_meditok(source, device=device).eval()
+        except Exception as error:  # any failure only costs the pictures, never the run
+            print(f"warning: no sample grids: cannot load the cache's tokenizer {source!r} ({error})", file=sys.stderr)
+
+    def write(self, model: ARGenerator, folder: Path, seed: int, amp_dtype) -> None:
+        if self.tokenizer is None or self.per_label < 1:
+            return
+        from .sample import run_sampling
+
+        labels = torch.arange(len(self.label_names)).repeat_interleave(self.per_label)
+        was_training = model.training
+        model.eval()
+        run_sampling(model, self.tokenizer, labels, self.label_names, folder, batch_size=max(len(labels), 1), seed=seed,
+                     amp_dtype=amp_dtype, progress=False, write_npz=False)
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+
+@torch.no_grad()
+def validation_loss(model: ARGenerator, cache: TokenCache, batch_size: int, amp_dtype) -> float:
+    """Mean cross-entropy (nats per code) over every row of ``cache``, labels kept (no class dropout)."""
+    model_was_training = model.training
+    model.eval()
+    device = model.rope_cos.device
+    total, count = 0.0, 0
+    for start in range(0, len(cache), batch_size):
+        ids, labels = cache.batch(range(start, min(len(cache), start + batch_size)))
+        ids, labels = ids.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(ids, labels)
+        total += F.cross_entropy(logits.float().flatten(0, 2), ids.permute(0, 2, 1).flatten(), reduction="sum").item()
+        count += ids.numel()
+    model.train(model_was_training)
+    return total / count
+
+
+def unigram_baselines(train: TokenCache, val: TokenCache) -> Dict[str, float]:
+    """Cross-entropy (nats per code) of position-independent code distributions, one per codebook, on the
+    validation ids: fitted on the training ids with add-one smoothing (a model that ignores context), and
+    the validation ids' own distribution (its entropy: the best any unigram model can do on them)."""
+    V = int(max(train.ids.max(), val.ids.max())) + 1
+    V = max(V, 4096 if V <= 4096 else V)
+    result = {}
+    train_ids, val_ids = np.asarray(train.ids), np.asarray(val.ids)
+    fitted, own = [], []
+    for k in range(train_ids.shape[1]):
+        counts = np.bincount(train_ids[:, k].ravel(), minlength=V).astype(np.float64) + 1.0
+        log_p = np.log(counts / counts.sum())
+        val_codes = val_ids[:, k].ravel()
+        fitted.append(-log_p[val_codes].mean())
+        val_counts = np.bincount(val_codes, minlength=V).astype(np.float64)
+        p = val_counts[val_counts > 0] / val_counts.sum()
+        own.append(-(p * np.log(p)).sum())
+    result["unigram_train_fit_on_val"] = float(np.mean(fitted))
+    result["unigram_val_entropy"] = float(np.mean(own))
+    result["uniform"] = float(math.log(V))
+    return result
+
+
+def count_training_flops(model: ARGenerator, sample_ids: torch.Tensor, sample_labels: torch.Tensor) -> int:
+    """FLOPs of one forward + backward on the given batch, counted by torch.utils.flop_counter as it runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.loss(sample_ids, sample_labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def peak_flops(config: TrainConfig, device: torch.device) -> Optional[float]:
+    if config.peak_tflops > 0:
+        return config.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+def build_model(config: TrainConfig, cache: TokenCache) -> ARGenerator:
+    ar = get_ar_config(config.preset, head=config.head, grid=cache.grid, num_labels=len(cache.label_names),
+                       num_codebooks=cache.num_codebooks, codebook_size=cache.codebook_size, **config.model)
+    return ARGenerator(ar)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Constant lr (the paper's), after an optional linear warm-up."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms' gains), as LlamaGen does."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=config.lr, betas=(config.beta1, config.beta2), fused=False)
+
+
+def cache_description(cache: TokenCache) -> Dict[str, Any]:
+    return {"path": str(cache.path), "tokenizer_fingerprint": cache.fingerprint,
+            "tokenizer_source": cache.manifest.get("tokenizer_source"), "grid": list(cache.grid),
+            "img_size": cache.img_size}
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) training; returns the summary also written to ``out/summary.json`` (rank 0)."""
+    device = distributed.init_distributed(config.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    out = Path(config.out)
+    main_process = rank == 0
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    train_cache = TokenCache(config.train_cache)
+    val_cache = TokenCache(config.val_cache, label_names=train_cache.label_names) if config.val_cache else None
+    if val_cache is not None:
+        check_same_tokenizer(train_cache, val_cache)
+    data = TokenBatches(train_cache, config.batch_size, config.seed, rank, world)
+    total_steps = config.max_steps or max(1, int(round(config.epochs * data.steps_per_epoch)))
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else None
+
+    model = build_model(config, train_cache).to(device)
+    optimizer = make_optimizer(config, model)
+    ema = None
+    if config.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    checkpointer = Checkpointer(out, config.keep_checkpoints)
+    logger = RunLogger(out, main_process)
+    step = 0
+    resume_path = checkpointer.resolve(config.resume)
+    if resume_path is not None:
+        step = restore(resume_path, model, optimizer, ema, config)
+        logger.truncate_after(step)
+        if main_process:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    elif main_process:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if main_process:
+        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_config": model.config.to_dict(),
+                                                      "world_size": world}, indent=2) + "\n")
+        if val_cache is not None:
+            (out / "baselines.json").write_text(json.dumps(unigram_baselines(train_cache, val_cache), indent=2) + "\n")
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    ids0, labels0 = data.batch(0)
+    flops_per_image = count_training_flops(model, ids0[:1].to(device), labels0[:1].to(device))
+    peak = peak_flops(config, device)
+    grids = SampleGrids(train_cache, device, config.sample_per_label) if main_process else None
+
+    def payload() -> Dict[str, Any]:
+        return generator_payload(model, ema=None if ema is None else ema.module.state_dict(),
+                                 ema_updates=None if ema is None else int(ema.n_averaged), optimizer=optimizer.state_dict(),
+                                 step=step, label_names=train_cache.label_names, token_cache=cache_description(train_cache),
+                                 train_config=dataclasses.asdict(config))
+
+    model.train()
+    began, images_since, last_log = time.perf_counter(), 0, time.perf_counter()
+    while step < total_steps:
+        loss = train_step(trained, model, optimizer, data, step, config, device, amp_dtype)
+        if ema is not None:
+            ema.update_parameters(model)
+        step += 1
+        images_since += config.batch_size
+        if main_process and (step % config.log_every == 0 or step == total_steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            images_per_s = images_since / max(now - last_log, 1e-9)
+            record = {"step": step, "epoch": round(step / data.steps_per_epoch, 3), "loss": loss,
+                      "lr": learning_rate(config, step - 1), "images_per_s": round(images_per_s, 2),
+                      "tokens_per_s": round(images_per_s * model.K * model.L, 1),
+                      "tflops_per_s": round(images_per_s * flops_per_image / 1e12, 4)}
+            if peak:
+                record["mfu"] = round(images_per_s * flops_per_image / peak, 4)
+            logger.write(record)
+            images_since, last_log = 0, now
+        if val_cache is not None and main_process and (step % config.eval_every == 0 or step == total_steps):
+            evaluated = ema.module if ema is not None else model
+            logger.write({"step": step, "val_loss": validation_loss(evaluated, val_cache, config.batch_size, amp_dtype)})
+        if main_process and config.sample_every and step % config.sample_every == 0 and step < total_steps:
+            grids.write(ema.module if ema is not None else model, out / "samples" / f"step-{step:07d}", config.seed, amp_dtype)
+        if main_process and (step % config.save_every == 0 or step == total_steps):
+            checkpointer.save(payload(), step)
+        distributed.barrier()
+
+    summary: Dict[str, Any] = {}
+    if main_process:
+        atomic_torch_save(payload(), out / "generator.pth")
+        final_model = ema.module if ema is not None else model
+        grids.write(final_model, out / "samples" / "final", config.seed, amp_dtype)
+        summary = {"steps": step, "seconds": round(time.perf_counter() - began, 1), "parameters": model.num_parameters(),
+                   "train_flops_per_image": flops_per_image, "generator": str(out / "generator.pth")}
+        if val_cache is not None:
+            summary["val_loss"] = validation_loss(final_model, val_cache, config.batch_size, amp_dtype)
+            summary.update(json.loads((out / "baselines.json").read_text()))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.plot(out / "loss_curves.png")
+        print(json.dumps(summary), flush=True)
+    distributed.cleanup()
+    return summary
+
+
+def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step: int, config: TrainConfig,
+               device: torch.device, amp_dtype) -> float:
+    """One optimizer step on this rank's slice of global batch ``step``; returns the global mean loss."""
+    ids, labels = data.batch(step)
+    ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    labels = model.condition.drop_labels(labels, uniform=data.class_dropout_uniform(step))
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+        logits = trained(ids, labels)
+    loss = F.cross_entropy(logits.float().flatten(0, 2), ids.permute(0, 2, 1).flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    value = loss.detach()
+    if distributed.world_size() > 1:
+        torch.distributed.all_reduce(value)
+        value /= distributed.world_size()
+    return float(value)
+
+
+def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig) -> int:
+    """Load a training checkpoint into model / optimizer / EMA; returns its step. Refuses another preset or head."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = ARConfig.from_dict(payload["config"])
+    if saved.preset != model.config.preset or saved.head != model.config.head:
+        raise ValueError(f"{path}: checkpoint of a {saved.preset!r} generator with {saved.head} heads, but this run builds "
+                         f"{model.config.preset!r} with {model.config.head} heads; use the same --preset/--head or another --out")
+    if saved != model.config:
+        raise ValueError(f"{path}: the checkpoint's generator config differs from this run's "
+                         f"({saved.to_dict()} vs {model.config.to_dict()}); the token cache or model settings changed")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if ema is not None:
+        if payload.get("ema") is None:
+            raise ValueError(f"{path}: holds no EMA weights but this run has --ema {config.ema}")
+        ema.module.load_state_dict(payload["ema"])
+        ema.n_averaged.fill_(int(payload.get("ema_updates") or 0))
+    return int(payload["step"])
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="python -m generation.train_ar", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file with any of the settings below (configs/synthesis_*.json)")
+    defaults = TrainConfig()
+    helps = {
+        "train_cache": "token cache to train on (python -m generation.tokenize_dataset)",
+        "val_cache": "token cache for the validation loss (same tokenizer; labels mapped by name)",
+        "out": "run folder", "preset": "generator preset: tiny, B (paper), L, XL",
+        "head": "sequential (code k from codes < k, the released variant) or independent (8 heads)",
+        "batch_size": "global batch over all processes (paper 128)", "epochs": "epochs over the training cache (paper 200)",
+        "max_steps": "stop after this many steps instead (0 = use --epochs)", "lr": "learning rate (paper 1e-4)",
+        "weight_decay": "AdamW weight decay (paper 0.05)", "warmup_steps": "linear lr warm-up steps (0 = none)",
+        "grad_clip": "gradient-norm clip (0 = off)", "ema": "EMA decay of the weights, e.g. 0.9999 (0 = off)",
+        "seed": "seed of data order, class dropout and initialisation", "device": "cuda or cpu",
+        "bf16": "bf16 autocast on GPU (true/false)", "log_every": "steps between metrics.jsonl lines",
+        "eval_every": "steps between validation losses", "sample_every": "steps between sample grids (0 = at the end only)",
+        "sample_per_label": "images per label in each sample grid", "save_every": "steps between checkpoints",
+        "keep_checkpoints": "checkpoints kept", "peak_tflops": "accelerator peak for MFU (0 = look the GPU up)",
+        "resume": "'auto' (newest checkpoint in --out) or a checkpoint path", "beta1": "AdamW beta1 (0.9)",
+        "beta2": "AdamW beta2 (0.95)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            parser.add_argument("--model", type=json.loads, default=None, metavar="JSON",
+                                help='generator config overrides, e.g. \'{"class_dropout": 0.1, "head_depth": 3}\'')
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL",
+                                help=f"{helps.get(f.name, '')} (default {default})")
+        else:
+            parser.add_argument(flag, type=type(default), default=None, help=f"{helps.get(f.name, '')} (default {default!r})")
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config")
+    return TrainConfig.from_sources(config_path, args)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        config = parse_args(argv)
+        if not config.train_cache:
+            raise ValueError("no --train-cache given (make one with python -m generation.tokenize_dataset)")
+        train(config)
+    except (TokenCacheError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""Train the projector (stage A) and LoRA adapters (stage B) of MedITok + a causal language model (paper Table 4).
+
+    python -m interpretation.train --config configs/vqa_tiny_cpu.json --stage A      # projector on captions
+    python -m interpretation.train --config configs/vqa_tiny_cpu.json --stage B      # projector + LoRA on Q&A
+    torchrun --nproc_per_node 8 -m interpretation.train --config configs/vqa_llava_med_7b.json --stage B
+
+Stage A (projector pre-training, LLaVA's "feature alignment"): the vision tower and the language model are frozen;
+only the projector learns, on image–caption pairs (PubMedVision / LLaVA-Med alignment JSON, or a caption CSV), with
+the ``caption`` template. Stage B (instruction tuning): the projector (from stage A, ``--init-projector``) and LoRA
+adapters on the language model (``peft``) learn on question–answer pairs with the model's conversation template.
+The paper: stage A on 500k PubMedVision captions, 1 epoch, batch 32; stage B 100k VQA pairs, 2 epochs.
+
+A config file (JSON) sets any flag (``"batch_size": 4``); keys ``"stage_A"`` / ``"stage_B"`` hold per-stage
+values; the command line overrides both. The run folder gets ``args.json``, ``metrics.jsonl`` (loss, lr,
+samples/s, tokens/s every --log-every steps), ``ckpt-last.pth`` (atomic; trainable weights, optimiser, schedule,
+RNG, position: ``--resume auto`` continues exactly), ``projector.safetensors``, ``lora/`` (stage B, a peft
+adapter folder) and ``interpretation.json`` (what ``evaluation.vqa`` needs to rebuild the model).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
+from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError, ProjectorMismatchError
+from .vision_tower import FEATURE_KINDS, MedITokVisionTower
+
+RUN_FILE = "interpretation.json"
+CHECKPOINT = "ckpt-last.pth"
+LORA_DIR = "lora"
+CHECKPOINT_FORMAT = "meditok-interpretation-v1"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout (its examples) and shows every default."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m interpretation.train", description=__doc__, epilog="Details: docs/vqa.md.",
+        formatter_class=HelpFormatter)
+    p.add_argument("--config", default=None, help="JSON file of flag values (keys as below, with _ or -)")
+    p.add_argument("--stage", choices=("A", "B"), required=False, default=None,
+                   help="A: projector only on image-caption pairs; B: projector + LoRA on question-answer pairs")
+    g = p.add_argument_group("model")
+    g.add_argument("--language-model", default=None,
+                   help="folder of a transformers causal LM + tokenizer (e.g. LLaVA-Med v1.5's Mistral-7B; "
+                        "scripts/make_tiny_lm.py writes a tiny random one)")
+    g.add_argument("--vision-tower", default="random:tiny",
+                   help="MedITok weights: anything meditok.load_meditok reads, or random:<preset> (smoke tests)")
+    g.add_argument("--features", choices=FEATURE_KINDS, default="quantized",
+                   help="what the LM sees: the quantised path after the output projection (the released "
+                        "integration), or pre-quantisation features (ablation)")
+    g.add_argument("--img-size", type=int, default=None, help="image side (default: the tokenizer's native size)")
+    g.add_argument("--projector", choices=PROJECTOR_TYPES, default="mlp2x_gelu", help="projector architecture")
+    g.add_argument("--template", choices=TEMPLATES, default="auto",
+                   help="stage-B conversation template: the tokenizer's chat template, or plain USER:/ASSISTANT:")
+    g.add_argument("--init-projector", default=None, help="stage B: the stage-A run folder (or projector file)")
+    g.add_argument("--lora-r", type=int, default=128, help="LoRA rank (LLaVA's LoRA recipe: 128)")
+    g.add_argument("--lora-alpha", type=int, default=256, help="LoRA alpha")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names LoRA wraps")
+    g.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the language model's weights (bfloat16 for 7B on GPU)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", default=None, help="caption (stage A) or question (stage B) file(s)")
+    d.add_argument("--data-format", choices=FORMATS, default="auto", help="file format (docs/vqa.md)")
+    d.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
+    d.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (answers are cut first)")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    t = p.add_argument_group("training")
+    t.add_argument("--out", default=None, help="run folder")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    t.add_argument("--batch-size", type=int, default=4, help="samples per step per process")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimiser step")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (LoRA in stage B; the projector in A)")
+    t.add_argument("--projector-lr", type=float, default=None, help="stage B: projector learning rate (default --lr)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, fraction of the steps")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    t.add_argument("--bf16", choices=("auto", "true", "false"), default="auto",
+                   help="bf16 autocast (auto: on CUDA only)")
+    t.add_argument("--grad-ckpt", choices=("true", "false"), default="false",
+                   help="gradient checkpointing in the language model")
+    t.add_argument("--seed", type=int, default=0, help="seed (data order, initial projector, LoRA)")
+    t.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
+    t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    t.add_argument("--resume", default=None, help="'auto' (the run folder's checkpoint if any) or a checkpoint path")
+    t.add_argument("--stop-after-steps", type=int, default=None,
+                   help="save and stop after this many optimiser steps (to split a run; --resume auto continues)")
+    t.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line over config file over defaults; the config's ``stage_A`` / ``stage_B`` apply to that stage."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        config = json.loads(Path(first.config).read_text())
+        stage = first.stage or config.get("stage")
+        values = {k: v for k, v in config.items() if not k.startswith("stage_")}
+        values.update(config.get(f"stage_{stage}", {}) if stage else {})
+        known = {a.dest for a in parser._actions}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"error: {first.config}: unknown key(s) {unknown}; see python -m interpretation.train --help")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    for name in ("stage", "language_model", "data", "out"):
+        if getattr(args, name) in (None, []):
+            raise SystemExit(f"error: --{name.replace('_', '-')} is required (on the command line or in --config)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed
+def setup_distributed(device_arg: Optional[str]) -> tuple:
+    """(rank, world size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+def build_model(args: argparse.Namespace, device: torch.device) -> MedITokLlava:
+    """Tower + LM + projector, frozen and LoRA-wrapped for the stage; the stage-A projector loaded in stage B."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm_dir = Path(args.language_model)
+    if not lm_dir.is_dir():
+        raise SystemExit(f"error: --language-model {lm_dir}: no such folder; point it at a saved transformers model "
+                         f"(python scripts/make_tiny_lm.py writes a tiny one)")
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
+    dtype = torch.bfloat16 if args.lm_dtype == "bfloat16" else torch.float32
+    language_model = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=dtype).to(device)
+    language_model.requires_grad_(False)
+    tower_dtype = torch.bfloat16 if use_bf16(args, device) else None
+    tower = MedITokVisionTower.from_source(args.vision_tower, args.features, img_size=args.img_size, device=device,
+                                           dtype=tower_dtype, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = MedITokLlava(tower, language_model, tokenizer, args.projector, args.template).to(device)
+    if args.init_projector:
+        model.load_projector(args.init_projector)
+    elif args.stage == "B":
+        print("warning: stage B without --init-projector: the projector starts from random weights")
+    if args.stage == "B":
+        model.language_model = add_lora(language_model, args)
+    if args.grad_ckpt == "true":
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(language_model, args: argparse.Namespace):
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in language_model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise SystemExit(f"error: --lora-targets {missing} are not modules of {args.language_model}; modules with "
+                         f"'proj' in their name there: {sorted(n for n in present if 'proj' in n)}")
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(language_model, config)
+
+
+def trainable_parameters(model: MedITokLlava) -> Dict[str, torch.nn.Parameter]:
+    """Name → parameter for what the stage trains (projector, and LoRA weights in stage B)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def use_bf16(args: argparse.Namespace, device: torch.device) -> bool:
+    return args.bf16 == "true" or (args.bf16 == "auto" and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+class ConversationDataset(Dataset):
+    """Records → {'image' [3, S, S] in [-1, 1], 'input_ids', 'labels'} (token lists; see MedITokLlava.encode_prompt)."""
+
+    def __init__(self, records: List[VQARecord], model: MedITokLlava, captions: bool, max_length: int):
+        self.records = records
+        self.tower = model.vision_tower
+        self.captions = captions
+        self.max_length = max_length
+        # Check every prompt up front: a bad record fails before any training, naming its file and record.
+        self.tokens = [model.encode_prompt(r.prompt_turns(), caption=captions, source=r.source, max_length=max_length)
+                       for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        record = self.records[index]
+        return {"image": self.tower.load_image(record.image, record.modality), **self.tokens[index]}
+
+
+class EpochBatches:
+    """Batches of indices for one epoch: a seeded permutation (seed + epoch), this rank's share, from ``start``
+    (a batch index) on, so a resumed run sees exactly the batches it had not seen."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        per_rank = len(order) // world  # equal shares: every rank takes the same number of steps
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        self.batches = [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)][start:]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+    return (n // world) // batch_size
+
+
+def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
+    from .model import pad_batch
+
+    batch = pad_batch(samples, pad_id, side="right")
+    batch["images"] = torch.stack([s["image"] for s in samples])
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler, step: int, args) -> None:
+    """Trainable weights + optimiser + schedule + RNG + step, written atomically (temp file, fsync, rename)."""
+    from meditok.checkpoint import _atomic_write
+
+    payload = {"format": CHECKPOINT_FORMAT, "step": step, "stage": args.stage, "args": vars(args),
+               "trainable": {k: v.detach().cpu() for k, v in trainable_parameters(model).items()},
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler) -> int:
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG/numpy state
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} is not an interpretation training checkpoint; pass --resume auto or the "
+                         f"run's {CHECKPOINT}")
+    params = trainable_parameters(model)
+    if set(params) != set(payload["trainable"]):
+        raise SystemExit(f"error: {path}: its trainable parameters differ from this run's (stage or LoRA settings "
+                         f"changed?); resume with the same --config and --stage")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(payload["trainable"][name])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return int(payload["step"])
+
+
+def resolve_resume(args, out: Path) -> Optional[Path]:
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        path = out / CHECKPOINT
+        return path if path.is_file() else None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise SystemExit(f"error: --resume {path}: no such checkpoint; use --resume auto or the run's {CHECKPOINT}")
+    return path
+
+
+def save_outputs(out: Path, model: MedITokLlava, args) -> None:
+    """The final artefacts: projector, LoRA adapter (stage B), and the description evaluation.vqa reads."""
+    from meditok.checkpoint import _atomic_write
+
+    model.save_projector(out / PROJECTOR_FILE)
+    lora = None
+    if args.stage == "B":
+        model.language_model.save_pretrained(str(out / LORA_DIR))
+        lora = LORA_DIR
+    description = {"stage": args.stage, "language_model": str(Path(args.language_model).resolve()),
+                   "vision_tower": (str(Path(args.vision_tower).resolve()) if Path(args.vision_tower).exists()
+                                    else args.vision_tower), "features": args.features,
+                   "img_size": model.vision_tower.img_size, "projector": PROJECTOR_FILE, "lora": lora,
+                   **model.projector_config(), "template": model.template.name, "seed": args.seed}
+    _atomic_write(out / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+class MetricsLog:
+    """metrics.jsonl; on resume, lines after the resumed step are dropped so the file matches an unbroken run."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        if enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, entry: Dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+
+def make_optimizer(model: MedITokLlava, args):
+    projector = [p for p in model.projector.parameters() if p.requires_grad]
+    others = [p for n, p in trainable_parameters(model).items() if not n.startswith("projector.")]
+    groups = [{"params": projector, "lr": args.projector_lr or args.lr}]
+    if others:
+        groups.append({"params": others, "lr": args.lr})
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+
+
+@dataclass
+class Run:
+    """Everything one stage's loop works on (built by :func:`prepare_run`)."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    model: MedITokLlava
+    trained: torch.nn.Module          # the model, or its DDP wrapper
+    dataset: ConversationDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+
+
+def prepare_run(args: argparse.Namespace) -> Run:
+    """Distributed setup, model, data (every prompt checked), optimiser, schedule, and the resumed state."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    rank, world, device = setup_distributed(args.device)
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    captions = args.stage == "A"
+    try:  # the data first: a bad file fails in seconds, before a large model is loaded
+        records = read_many(args.data, args.data_format, args.image_root, captions=captions)
+        check_images_exist(records, args.image_root)
+        torch.manual_seed(args.seed)
+        model = build_model(args, device)
+        dataset = ConversationDataset(records, model, captions, args.max_length)
+    except (DataFormatError, PromptError) as error:
+        raise SystemExit(f"error: {error}") from None
+    params = trainable_parameters(model)
+    if rank == 0:
+        print(f"stage {args.stage}: {len(dataset)} samples, {sum(p.numel() for p in params.values()):,} trainable "
+              f"parameters ({', '.join(sorted({n.split('.')[0] for n in params}))}), world size {world}")
+    per_epoch = batches_per_epoch(len(dataset), args.batch_size, world) // args.grad_accum
+    if per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} samples are fewer than one step (batch {args.batch_size} × "
+                         f"accumulation {args.grad_accum} × {world} processes); lower --batch-size")
+    total_steps = max(1, math.ceil(args.epochs * per_epoch))
+    optimizer = make_optimizer(model, args)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    run = Run(args, rank, world, device, out, model, model, dataset, optimizer, scheduler, per_epoch, total_steps)
+    resume = resolve_resume(args, out)
+    if resume is not None:
+        run.step = load_checkpoint(resume, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"resumed from {resume} at step {run.step}/{total_steps}")
+    if world > 1:
+        run.trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def epoch_loader(run: Run, epoch: int, start_batch: int) -> DataLoader:
+    sampler = EpochBatches(len(run.dataset), run.args.batch_size, run.args.seed, epoch, run.rank, run.world,
+                           start_batch)
+    # Its own generator: creating a loader draws a seed, which must not move the RNG that LoRA dropout uses
+    # (else a run resumed mid-epoch would diverge from an unbroken one).
+    return DataLoader(run.dataset, batch_sampler=sampler, num_workers=run.args.num_workers,
+                      collate_fn=functools.partial(collate, pad_id=run.model.tokenizer.pad_token_id),
+                      generator=torch.Generator().manual_seed(run.args.seed + epoch))
+
+
+def global_totals(run: Run, loss: float, tokens: int, samples: int) -> tuple:
+    """(loss, tokens, samples) over all ranks: the answer-token-weighted loss, not rank 0's share."""
+    if run.world == 1:
+        return loss, tokens, samples
+    totals = torch.tensor([loss * tokens, tokens, samples], dtype=torch.float64, device=run.device)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), int(totals[2])
+
+
+def agreed_stop(run: Run, stop: bool) -> bool:
+    """True on every rank when any rank wants to stop (a SIGTERM reaches the ranks at different steps)."""
+    if run.world == 1:
+        return stop
+    flag = torch.tensor([float(stop)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run one stage; returns a summary (steps, final loss, seconds, finished)."""
+    run = prepare_run(args)
+    log = MetricsLog(run.out / "metrics.jsonl", run.step, run.rank == 0)
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))  # checkpoint, then exit
+    bf16 = use_bf16(args, run.device)
+    start_time = window_start = time.time()
+    window_samples = window_tokens = 0
+    last_loss = float("nan")
+    progress = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc=f"stage {args.stage}")
+    run.model.train()
+    try:
+        stopping = False
+        while run.step < run.total_steps and not stopping:
+            epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
+            micro = []
+            for batch in epoch_loader(run, epoch, in_epoch * args.grad_accum):
+                micro.append(batch)
+                if len(micro) < args.grad_accum:
+                    continue
+                loss, samples, tokens = train_step(run.trained, run.model, micro, run.optimizer, run.scheduler,
+                                                   run.device, bf16, args)
+                micro = []
+                run.step += 1
+                last_loss, tokens, samples = global_totals(run, loss, tokens, samples)
+                window_samples, window_tokens = window_samples + samples, window_tokens + tokens
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+                if run.step % args.log_every == 0 or run.step == run.total_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    log.write({"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": last_loss,
+                               "lr": run.scheduler.get_last_lr()[-1], "samples_per_s": window_samples / elapsed,
+                               "tokens_per_s": window_tokens / elapsed, "elapsed_s": time.time() - start_time})
+                    window_start, window_samples, window_tokens = time.time(), 0, 0
+                stopping = agreed_stop(run, stop["signal"] or run.step == args.stop_after_steps)
+                done = run.step >= run.total_steps
+                if run.rank == 0 and (run.step % args.save_every == 0 or done or stopping):
+                    save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.scheduler, run.step, args)
+                if done or stopping:
+                    break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        progress.close()
+    finished = run.step >= run.total_steps
+    if run.rank == 0 and finished:
+        save_outputs(run.out, run.model, args)
+    if run.world > 1:
+        dist.barrier()
+    return {"steps": run.step, "total_steps": run.total_steps, "final_loss": last_loss,
+            "seconds": time.time() - start_time, "finished": finished}
+
+
+def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]], optimizer, scheduler,
+               device: torch.device, bf16: bool, args) -> tuple:
+    """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, samples, answer tokens).
+    Each micro-batch's loss is weighted by its share of the answer tokens, so accumulation equals one big batch.
+    Under DDP only the last micro-batch synchronises gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    loss_sum, samples = 0.0, 0
+    for k, batch in enumerate(micro):
+        batch = {key: v.to(device) for key, v in batch.items()}
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        sync = k == len(micro) - 1 or not hasattr(trained, "no_sync")
+        with contextlib.nullcontext() if sync else trained.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = trained(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+            (loss * tokens / max(total_tokens, 1)).backward()
+        loss_sum += float(loss.detach()) * tokens
+        samples += batch["input_ids"].shape[0]
+    params = list(trainable_parameters(model).values())
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss_sum / max(total_tokens, 1), samples, total_tokens
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except (ProjectorMismatchError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(json.dumps(summary))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

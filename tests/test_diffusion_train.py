@@ -1,0 +1,141 @@
+"""Diffusion trainer on a real (tiny) token cache: exact resume, samples written, clear errors; caption
+truncation is counted."""
+import json
+
+import pytest
+import torch
+
+from generation import tokenize_dataset
+from generation.diffusion import train as diffusion_train
+from generation.text import CaptionTruncationWarning, TextCodec, load_text_tokenizer, train_caption_tokenizer
+
+CSV, ROOT = "datasets/meta/examples_train.csv", "datasets/examples"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 32-px token cache of the bundled examples (random tiny tokenizer, 2×2 grid) + a caption tokenizer."""
+    base = tmp_path_factory.mktemp("diffusion")
+    cache = base / "cache"
+    assert tokenize_dataset.main(["--random-tokenizer", "tiny", "--csv", CSV, "--root", ROOT, "--out", str(cache),
+                                  "--img-size", "32", "--num-workers", "0"]) == 0
+    import csv
+    captions = [row["caption"] for row in csv.DictReader(open(CSV))]
+    tokenizer = train_caption_tokenizer(captions, base / "tokenizer", vocab_size=300)
+    return base, cache, tokenizer
+
+
+def run(setup, out, *extra):
+    base, cache, tokenizer = setup
+    return diffusion_train.main(["--cache", str(cache), "--text-tokenizer", str(tokenizer), "--preset", "tiny",
+                                 "--out", str(out), "--batch-size", "4", "--text-len", "64", "--log-every", "1",
+                                 "--save-every", "2", "--warmup-steps", "2", "--num-samples", "0", *extra])
+
+
+def test_exact_resume(setup, tmp_path):
+    assert run(setup, tmp_path / "straight", "--steps", "4") == 0
+    assert run(setup, tmp_path / "split", "--steps", "2") == 0
+    assert run(setup, tmp_path / "split", "--steps", "4", "--resume", "auto") == 0
+    a = torch.load(tmp_path / "straight/checkpoints/latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "split/checkpoints/latest.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines = [json.loads(l) for l in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(l) for l in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert [l["loss"] for l in lines] == [l["loss"] for l in straight]
+    assert (tmp_path / "straight/checkpoints/step_0000002.pt").is_file()
+
+
+def test_samples_written_and_decoded(setup, tmp_path):
+    assert run(setup, tmp_path / "run", "--steps", "1", "--num-samples", "2", "--sample-steps", "2") == 0
+    folder = tmp_path / "run/samples/step_0000001"
+    reports = json.loads((folder / "reports.json").read_text())
+    assert len(reports["image_to_text"]) == 2 and len(reports["joint"]) == 2
+    ids = torch.load(folder / "ids.pt")
+    assert ids["text_to_image"].shape == (2, 8, 4) and ids["text_to_image"].max() < 4096
+    for name in ("text_to_image", "joint", "real"):  # the cache's random tokenizer decodes them
+        assert (folder / f"{name}.png").stat().st_size > 0
+
+
+def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
+    assert run(setup, tmp_path / "a", "--steps", "2") == 0
+    # resuming with another preset/architecture
+    assert run(setup, tmp_path / "a", "--steps", "3", "--resume", "auto", "--text-len", "48") == 2
+    assert "text_len: checkpoint 64 vs requested 48" in capsys.readouterr().err
+    # a backbone with a from-scratch preset, and an unknown backbone folder
+    assert run(setup, tmp_path / "b", "--steps", "1", "--backbone", str(tmp_path / "nope")) == 2
+    assert "needs --preset hf" in capsys.readouterr().err
+    assert run(setup, tmp_path / "b", "--steps", "1", "--preset", "hf", "--backbone", str(tmp_path / "nope")) == 2
+    assert "is not a folder with a transformers config.json" in capsys.readouterr().err
+    # a cache folder that is not a cache
+    base, cache, tokenizer = setup
+    assert diffusion_train.main(["--cache", str(tmp_path), "--text-tokenizer", str(tokenizer), "--steps", "1",
+                                 "--out", str(tmp_path / "c")]) == 2
+    assert "manifest.json: not found" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_tokenizers_cache(setup, tmp_path, capsys):
+    assert run(setup, tmp_path / "run", "--steps", "1") == 0
+    payload = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=False)
+    payload["tokenizer_fingerprint"] = "0" * 64  # as if trained on another tokenizer's ids
+    torch.save(payload, tmp_path / "run/checkpoints/latest.pt")
+    assert run(setup, tmp_path / "run", "--steps", "2", "--resume", "auto") == 2
+    assert "ids of another MedITok" in capsys.readouterr().err
+
+
+def test_caption_truncation_is_counted(setup):
+    _, _, tokenizer = setup
+    codec = TextCodec(load_text_tokenizer(tokenizer), text_len=6)
+    with pytest.warns(CaptionTruncationWarning, match="1 of 2 captions exceeded the text budget of 6 tokens"):
+        ids = codec.encode(["ct", "axial contrast enhanced ct of the thorax centred on a vertebra"])
+    assert ids.shape == (2, 6) and codec.truncated == 1 and codec.seen == 2
+    assert ids[1, -1].item() == codec.eos  # the end token survives truncation
+    assert codec.decode(ids[:1]) == ["ct"]
+
+
+def test_trains_from_a_pretrained_hf_causal_lm(setup, tmp_path):
+    """preset hf: a tiny random Llama saved to disk with its tokenizer, cut to 1 of 3 layers, trains and resumes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, cache, tokenizer_dir = setup
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    backbone = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) + 8, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)  # the backbone's own tokenizer is the default text tokenizer
+    args = ["--cache", str(cache), "--preset", "hf", "--backbone", str(backbone), "--num-layers", "1",
+            "--out", str(tmp_path / "run"), "--batch-size", "2", "--text-len", "64", "--num-samples", "0"]
+    assert diffusion_train.main(args + ["--steps", "1"]) == 0
+    payload = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=False)
+    assert payload["diffusion_config"]["num_layers"] == 1
+    assert sum(k.startswith("blocks.") and k.endswith("self_attn.q_proj.weight") for k in payload["model"]) == 1
+    assert diffusion_train.main(args + ["--steps", "2", "--resume", "auto"]) == 0
+    model, codec, _ = diffusion_train.load_for_inference(tmp_path / "run/checkpoints/latest.pt")
+    assert model.num_layers == 1 and codec.vocab_size == len(tokenizer)
+
+
+def test_sample_cli_all_tasks(setup, tmp_path, capsys):
+    from generation.diffusion import sample as sample_cli
+
+    base, cache, tokenizer = setup
+    assert run(setup, tmp_path / "run", "--steps", "1") == 0
+    ckpt = str(tmp_path / "run/checkpoints/latest.pt")
+    common = ["--checkpoint", ckpt, "--num", "3", "--batch-size", "2", "--steps", "2", "--out", str(tmp_path / "gen"),
+              "--device", "cpu"]
+    assert sample_cli.main(common + ["--task", "text_to_image", "--prompt", "axial ct", "--label", "ct",
+                                     "--meditok", str(cache / "tokenizer")]) == 0
+    assert sample_cli.main(common + ["--task", "image_to_text", "--cache", str(cache)]) == 0
+    assert sample_cli.main(common + ["--task", "joint", "--label", "mri", "--cfg-scale", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "text tokens/s" in printed
+    t2i = torch.load(tmp_path / "gen/text_to_image_ids.pt")
+    assert t2i.shape == (3, 8, 4) and (tmp_path / "gen/text_to_image.png").is_file()
+    reports = json.loads((tmp_path / "gen/image_to_text.json").read_text())
+    assert len(reports["reports"]) == 3 and len(reports["references"]) == 3
+    assert json.loads((tmp_path / "gen/joint.json").read_text())["labels"] == ["mri"] * 3
+    assert sample_cli.main(common + ["--task", "joint", "--label", "xray"]) == 2
+    assert "is not one of the model's labels" in capsys.readouterr().err

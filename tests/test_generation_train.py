@@ -1,0 +1,139 @@
+"""Generator training: exact resume, data-parallel equals one process, refusing the wrong checkpoint."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import meditok
+from generation.ar_model import load_generator
+from generation.token_cache import csv_source, write_token_cache
+from generation.train_ar import TokenBatches, TrainConfig, train, unigram_baselines
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Train (8 images × 2 flips) and validation (3 images) caches of a tiny random tokenizer at 32 px (2 × 2 grid)."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    tokenizer = meditok.build_meditok("tiny").eval()
+    meditok.save_meditok(tokenizer, folder / "tokenizer")
+    paths = {}
+    for split, count in (("train", 8), ("val", 3)):
+        lines = ["identifier,caption,modality"]
+        for i in range(count):
+            name = f"{split}{i}.png"
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), Image.BILINEAR).save(folder / name)
+            lines.append(f"{name},,{'fundus' if i % 2 else 'xray'}")
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        source = csv_source(folder / f"{split}.csv", folder, 32)
+        paths[split] = write_token_cache(tokenizer, source, folder / f"cache_{split}", img_size=32, flip=split == "train",
+                                         batch_size=8, progress=False, tokenizer_source=str(folder / "tokenizer"))
+    return paths
+
+
+def config(caches, out, **overrides):
+    values = dict(train_cache=str(caches["train"]), val_cache=str(caches["val"]), out=str(out), preset="tiny",
+                  batch_size=4, max_steps=6, lr=1e-3, warmup_steps=2, ema=0.9, device="cpu", log_every=1,
+                  eval_every=3, sample_every=0, sample_per_label=0, save_every=3, keep_checkpoints=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def weights(path):
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["model"], payload["ema"], payload["optimizer"]["state"]
+
+
+def test_resume_is_exact(caches, tmp_path):
+    straight = train(config(caches, tmp_path / "straight"))
+    train(config(caches, tmp_path / "resumed", max_steps=3))
+    resumed = train(config(caches, tmp_path / "resumed", resume="auto"))
+    assert resumed["steps"] == straight["steps"] == 6
+    a, b = weights(tmp_path / "straight" / "generator.pth"), weights(tmp_path / "resumed" / "generator.pth")
+    for left, right in zip(a[:2], b[:2]):
+        for name in left:
+            torch.testing.assert_close(left[name], right[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[2][0]["exp_avg_sq"], b[2][0]["exp_avg_sq"], atol=1e-6, rtol=0)
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
+    # The run learned something, and its files are there.
+    assert straight["val_loss"] < straight["uniform"]
+    for name in ("metrics.jsonl", "baselines.json", "loss_curves.png", "config.json", "summary.json"):
+        assert (tmp_path / "resumed" / name).is_file(), name
+    steps = [__import__("json").loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in l and "val_loss" not in l]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resuming_with_another_head_or_preset_is_refused(caches, tmp_path):
+    train(config(caches, tmp_path / "run", max_steps=3, ema=0.0))
+    with pytest.raises(ValueError, match="'tiny' generator with sequential heads, but this run builds 'tiny' with independent"):
+        train(config(caches, tmp_path / "run", head="independent", resume="auto", ema=0.0))
+    with pytest.raises(ValueError, match="not 'B'"):
+        load_generator(tmp_path / "run" / "generator.pth", preset="B")
+
+
+def test_batches_split_one_global_batch_over_ranks(caches):
+    from generation.token_cache import TokenCache
+
+    cache = TokenCache(caches["train"])
+    one = TokenBatches(cache, 4, seed=3)
+    halves = [TokenBatches(cache, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for step in (0, 3, 4, 9):   # 4 steps per epoch: crosses epochs
+        ids, labels = one.batch(step)
+        parts = [h.batch(step) for h in halves]
+        assert torch.equal(torch.cat([p[0] for p in parts]), ids) and torch.equal(torch.cat([p[1] for p in parts]), labels)
+        assert torch.equal(torch.cat([h.class_dropout_uniform(step) for h in halves]), one.class_dropout_uniform(step))
+    epoch0 = np.concatenate([one.global_indices(s) for s in range(4)])
+    assert sorted(epoch0.tolist()) == list(range(16))
+
+
+def test_unigram_baseline_against_a_direct_count(caches):
+    from generation.token_cache import TokenCache
+
+    train_cache, val_cache = TokenCache(caches["train"]), TokenCache(caches["val"])
+    result = unigram_baselines(train_cache, val_cache)
+    train_ids, val_ids = np.asarray(train_cache.ids).astype(int), np.asarray(val_cache.ids).astype(int)
+    fitted, own = [], []
+    for k in range(8):  # a plain loop over codes: -log of add-one-smoothed training frequencies, averaged on val
+        counts = {}
+        for code in train_ids[:, k].ravel():
+            counts[code] = counts.get(code, 0) + 1
+        total = train_ids[:, k].size + 4096
+        fitted.append(np.mean([-np.log((counts.get(code, 0) + 1) / total) for code in val_ids[:, k].ravel()]))
+        _, val_counts = np.unique(val_ids[:, k], return_counts=True)
+        p = val_counts / val_counts.sum()
+        own.append(-(p * np.log(p)).sum())
+    assert result["unigram_train_fit_on_val"] == pytest.approx(np.mean(fitted), rel=1e-9)
+    assert result["unigram_val_entropy"] == pytest.approx(np.mean(own), rel=1e-9)
+    assert result["uniform"] == pytest.approx(np.log(4096))
+
+
+@pytest.mark.timeout(600)
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(caches, tmp_path):
+    train(config(caches, tmp_path / "one", max_steps=3, ema=0.0, val_cache=""))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+               "-m", "generation.train_ar", "--train-cache", str(caches["train"]), "--out", str(tmp_path / "two"),
+               "--preset", "tiny", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--warmup-steps", "2",
+               "--device", "cpu", "--log-every", "1", "--save-every", "3", "--sample-per-label", "0"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = weights(tmp_path / "one" / "generator.pth"), weights(tmp_path / "two" / "generator.pth")
+    for name in one[0]:
+        torch.testing.assert_close(two[0][name], one[0][name], atol=1e-6, rtol=0)
