@@ -113,6 +113,42 @@ def to_markdown(records: List[Dict[str, object]], env: Dict[str, object], preset
     return "\n".join(lines) + "\n"
 
 
+def flop_text(flops: float) -> str:
+    """1.46e15 → '1.46 PFLOP' (three significant digits, SI prefix)."""
+    for scale, name in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {name}"
+    return f"{flops / 1e6:.3g} MFLOP"
+
+
+def announce_device(device: torch.device, preset: Optional[str], settings: List[tuple], tasks: List[str],
+                    dtypes: List[str], calls_per_cell: int) -> None:
+    """Say which device was chosen; on a CPU, also how much work the grid is and a lower bound on its run time
+    (FLOPs counted as in the records, divided by this CPU's own fp32 matmul rate, timed here in a fraction of a
+    second; real convolutions and attention run slower than a plain matmul)."""
+    if device.type == "cuda":
+        print(f"device: {device} ({torch.cuda.get_device_name(device)})", flush=True)
+        return
+    print(f"device: {device} (no CUDA GPU found or chosen; pass --device cuda on a GPU machine)", flush=True)
+    if preset is None:  # a checkpoint's preset is known only once it is loaded
+        return
+    flops_of_size = {s: forward_flops(meditok.build_meditok(preset, empty=True), s) for _, s in settings}
+    per_image = {"tokenize": lambda f: f["encode"], "decode": lambda f: f["decode"],
+                 "reconstruct": lambda f: f["encode"] + f["decode"]}
+    total = sum(b * calls_per_cell * per_image[t](flops_of_size[s]) for b, s in settings for t in tasks) * len(dtypes)
+    a = torch.randn(512, 512)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, a)
+    rate = 5 * 2 * 512 ** 3 / (time.perf_counter() - start)
+    minutes = total / rate / 60
+    duration = f"{minutes / 60:.1f} h" if minutes > 120 else f"{minutes:.1f} min"
+    print(f"warning: running the {preset!r} grid on the CPU: {len(settings) * len(tasks) * len(dtypes)} cells, "
+          f"{flop_text(total)} in all; at this CPU's matmul rate ({rate / 1e9:.0f} GFLOP/s) that is at least "
+          f"{duration}. For a quick check: --preset tiny --settings 4x64 --iters 2.", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.efficiency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    announce_device(device, None if args.checkpoint else args.preset, args.settings, args.tasks, args.dtypes,
+                    args.warmup + args.iters)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     if args.checkpoint:
@@ -147,7 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     cells = [(t, d, b, s) for (b, s) in args.settings for d in args.dtypes for t in args.tasks]
     try:
         from tqdm import tqdm
-        cells_iter = tqdm(cells, desc="efficiency", unit="cell")
+
+        from evaluation.progress import progress_options
+        cells_iter = tqdm(cells, desc="efficiency", unit="cell", **progress_options())
     except ImportError:  # pragma: no cover
         cells_iter = cells
     records = []

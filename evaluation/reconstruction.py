@@ -50,6 +50,7 @@ from meditok.data.windows import CT_WINDOWS, DEFAULT_CT_WINDOW
 from . import fid_inception
 from .metrics import GaussianStatistics, NonFiniteImageError, frechet_distance_of, psnr, quantize_to_uint8, ssim
 from .paper import PAPER, TABLE1_MEDITOK_AVERAGE, TABLE1_MEDITOK_RFID, TABLE1_MODALITIES, table1_modality
+from .progress import progress_options
 from .report import environment, markdown_table, relative, write_outputs
 from .tokenizer import add_tokenizer_arguments, encode_for_evaluation, labelled_warnings, load_tokenizer
 
@@ -222,7 +223,7 @@ def evaluate(model, dataset: Dataset, *, batch_size: int, num_workers: int, ince
     per_image: List[Dict[str, Any]] = []
     worst_heap: list = []  # max-heap on PSNR via negation: keeps the worst_k lowest PSNRs
     unreadable: List[str] = []
-    for batch in tqdm(loader, desc="reconstruct", unit="batch", disable=not progress):
+    for batch in tqdm(loader, desc="reconstruct", unit="batch", disable=not progress, **progress_options()):
         unreadable += batch["unreadable"]
         if "image" not in batch:
             continue
@@ -312,13 +313,15 @@ def modality_average(rows: List[Dict[str, Any]], with_fid: bool) -> Dict[str, An
 # --------------------------------------------------------------------------------------------------
 # Outputs
 
+#: The error map's scale and title, the same in every figure (demo.py, the training grids of utilities/monitor.py).
+ERROR_LABEL, ERROR_VMAX = "|error| (0-0.5)", 0.5
+
 
 def save_worst_figures(worst: list, out_dir: Path) -> List[Dict[str, Any]]:
-    """One PNG per worst case: original | reconstruction | mean absolute difference (colour bar in 0..255 units)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per worst case: original | reconstruction | error map, on the scale every figure of the project
+    uses (mean |difference| over RGB in [0, 1] units, colour bar 0 → 0.5, titled ``ERROR_LABEL``). Drawn on bare
+    ``Figure`` objects: no pyplot backend is chosen or changed (a notebook keeps its inline display)."""
+    from matplotlib.figure import Figure
 
     folder = out_dir / "worst"
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,14 +329,15 @@ def save_worst_figures(worst: list, out_dir: Path) -> List[Dict[str, Any]]:
         stale.unlink()
     records = []
     for rank, (value_psnr, value_ssim, identifier, label, original, reconstruction) in enumerate(worst, start=1):
-        difference = (original.float() - reconstruction.float()).abs().mean(dim=0).numpy()
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.9), constrained_layout=True)
+        difference = (original.float() - reconstruction.float()).abs().mean(dim=0).div(255).numpy()
+        fig = Figure(figsize=(11, 3.9), constrained_layout=True)
+        axes = fig.subplots(1, 3)
         axes[0].imshow(original.permute(1, 2, 0).numpy())
         axes[0].set_title("original\n(uint8, as compared)")
         axes[1].imshow(reconstruction.permute(1, 2, 0).numpy())
         axes[1].set_title(f"reconstruction\nPSNR {value_psnr:.2f} dB, SSIM {100 * value_ssim:.1f}%")
-        shown = axes[2].imshow(difference, cmap="magma", vmin=0, vmax=max(float(difference.max()), 1.0))
-        axes[2].set_title("|difference|\nmean over RGB, 0–255 units")
+        shown = axes[2].imshow(difference, cmap="magma", vmin=0, vmax=ERROR_VMAX)
+        axes[2].set_title(ERROR_LABEL)
         fig.colorbar(shown, ax=axes[2], fraction=0.046)
         for axis in axes:
             axis.set_axis_off()
@@ -341,7 +345,6 @@ def save_worst_figures(worst: list, out_dir: Path) -> List[Dict[str, Any]]:
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(Path(identifier).with_suffix("")))[-80:]
         path = folder / f"rank{rank:02d}_{safe}.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         records.append({"rank": rank, "identifier": identifier, "modality": label, "psnr": value_psnr,
                         "ssim": 100 * value_ssim, "figure": str(path.relative_to(out_dir))})
     return records

@@ -8,21 +8,23 @@
 ``meditok.data`` reads medical images (PNG/JPEG incl. 16-bit, CT HU PNGs, DICOM, NIfTI) exactly as
 training does.
 """
-from .checkpoint import (
-    RELEASED_FILES,
-    RELEASED_HUB_REPO,
-    CheckpointError,
-    atomic_write,
-    build_meditok,
-    diff_state_dict,
-    extract_tokenizer_state_dict,
-    load_meditok,
-    matching_presets,
-    save_meditok,
-)
-from .config import PRESETS, MedITokConfig, get_config
-from .model import MedITok
-from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Dict, List
+
+# The public names are resolved on first use (PEP 562): `import meditok` costs nothing, and timm (with its
+# torchvision / torch._dynamo / huggingface_hub imports, most of ten seconds on a cold start) is imported only
+# when a model is built. A command-line tool can therefore parse its arguments and report a missing file at once.
+_EXPORTS: Dict[str, str] = {
+    "RELEASED_FILES": "checkpoint", "RELEASED_HUB_REPO": "checkpoint", "CheckpointError": "checkpoint",
+    "atomic_write": "checkpoint", "build_meditok": "checkpoint", "diff_state_dict": "checkpoint",
+    "extract_tokenizer_state_dict": "checkpoint", "load_meditok": "checkpoint", "matching_presets": "checkpoint",
+    "save_meditok": "checkpoint",
+    "PRESETS": "config", "MedITokConfig": "config", "get_config": "config",
+    "MedITok": "model",
+    "MultiCodebookQuantizer": "quantizer", "QuantizerOutput": "quantizer",
+}
 
 __all__ = [
     "MedITok", "MedITokConfig", "PRESETS", "get_config", "build_meditok", "load_meditok", "save_meditok",
@@ -30,3 +32,25 @@ __all__ = [
     "MultiCodebookQuantizer", "QuantizerOutput", "RELEASED_FILES", "RELEASED_HUB_REPO",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meditok' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(__all__ + ["__version__", "data"])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names as ordinary imports
+    from .checkpoint import (RELEASED_FILES, RELEASED_HUB_REPO, CheckpointError, atomic_write, build_meditok,
+                             diff_state_dict, extract_tokenizer_state_dict, load_meditok, matching_presets,
+                             save_meditok)
+    from .config import PRESETS, MedITokConfig, get_config
+    from .model import MedITok
+    from .quantizer import MultiCodebookQuantizer, QuantizerOutput

@@ -23,12 +23,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .config import CONFIG_FILENAME, PRESETS, MedITokConfig, get_config
-from .model import MedITok
+
+if TYPE_CHECKING:  # imported where a model is built: it pulls in timm, slow to import (see meditok/__init__.py)
+    from .model import MedITok
 
 RELEASED_HUB_REPO = "massaki75/meditok"
 RELEASED_FILES = {
@@ -64,6 +66,8 @@ def build_meditok(preset: Union[str, MedITokConfig] = "large", *, device: Union[
             weights into with ``load_state_dict(..., assign=True)``.
         **overrides: config fields to change, e.g. ``img_size=512``.
     """
+    from .model import MedITok
+
     cfg = preset.replace(**overrides) if isinstance(preset, MedITokConfig) else get_config(preset, **overrides)
     with torch.device("meta"):
         model = MedITok(cfg)
@@ -324,6 +328,8 @@ def load_meditok(source: Union[str, os.PathLike], preset: Optional[str] = None, 
         cfg = get_config(fits[0])
     if img_size is not None:
         cfg = cfg.replace(img_size=img_size)
+
+    from .model import MedITok
 
     with torch.device("meta"):
         model = MedITok(cfg)

@@ -47,16 +47,66 @@ def test_demo_without_any_checkpoint_explains_how_to_get_one(monkeypatch, tmp_pa
         raise AssertionError("expected SystemExit")
 
 
-def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+def test_demo_reports_bad_files_in_one_line_and_goes_on(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path)
-    monkeypatch.setenv("MEDITOK_DEMO_CHECKPOINT", str(ckpt))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    (tmp_path / "datasets").symlink_to(ROOT / "datasets")
-    monkeypatch.chdir(tmp_path)
-    notebook = json.loads((ROOT / "demo.ipynb").read_text())
-    namespace = {}
-    for cell in notebook["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "demo.ipynb", "exec"), namespace)
-    assert (tmp_path / "outputs/demo_notebook/summary.png").exists()
-    assert tuple(namespace["ids"].shape) == (1, 8, 16)
+    good = [p for p, _ in demo.default_images()][:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    missing = tmp_path / "missing.dcm"
+    argv = [str(good[0]), str(broken), str(missing), str(good[1]), "--checkpoint", str(ckpt),
+            "--out", str(tmp_path / "out")]
+    assert demo.main(argv) == 1  # non-zero: some files failed
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.strip().startswith("skipped")]
+    assert len(skipped) == 2 and str(broken) in skipped[0] and str(missing) in skipped[1]
+    assert "Traceback" not in captured.err + captured.out
+    for path in good:  # the files after the bad ones were processed too
+        assert (tmp_path / "out" / f"{path.stem}.png").is_file()
+    assert (tmp_path / "out" / "summary.png").is_file()
+    assert "mean over 2 images" in captured.out and "2 file(s) skipped" in captured.out
+
+
+def test_summary_rows_are_labelled_and_the_grid_is_unchanged(tmp_path):
+    """row_labels add a left margin with the texts; the grid itself is pixel for pixel the unlabelled one."""
+    import numpy as np
+    from PIL import Image
+    from utilities.monitor import save_reconstruction_grid
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    y = (x + 0.1 * torch.randn(2, 3, 32, 32, generator=g)).clamp(-1, 1)
+    plain = np.asarray(Image.open(save_reconstruction_grid(x, y, tmp_path / "plain.png")))
+    labelled = np.asarray(Image.open(save_reconstruction_grid(x, y, tmp_path / "lab.png",
+                                                              row_labels=["a.png (ct) 20.1 dB", "b (mri)"])))
+    margin = labelled.shape[1] - plain.shape[1]
+    assert margin > 20 and labelled.shape[0] == plain.shape[0]
+    np.testing.assert_array_equal(labelled[:, margin:], plain)
+    half = plain.shape[0] // 2  # each label is drawn beside its own row
+    assert (labelled[16:half, :margin] < 128).any() and (labelled[half:, :margin] < 128).any()
+
+
+def test_demo_figure_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend must survive the demo: saving a figure may not switch backends."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    before = matplotlib.get_backend()
+    plt.switch_backend("template")  # stands for the notebook's backend: any backend but Agg
+    try:
+        x = torch.zeros(3, 32, 32)
+        demo.save_figure(x, x + 0.2, "t", tmp_path / "f.png")
+        assert matplotlib.get_backend() == "template"
+        assert (tmp_path / "f.png").stat().st_size > 1000
+    finally:
+        plt.switch_backend(before)
+
+
+def test_error_maps_are_labelled_one_way_across_figures():
+    """demo figures, evaluation.reconstruction's worst cases and the training grids share one scale and title."""
+    import inspect
+
+    from evaluation import reconstruction
+    from utilities import monitor
+    assert demo.ERROR_LABEL == reconstruction.ERROR_LABEL == "|error| (0-0.5)"
+    assert demo.ERROR_VMAX == reconstruction.ERROR_VMAX == 0.5
+    grid_source = inspect.getsource(monitor.save_reconstruction_grid)
+    assert f'"{demo.ERROR_LABEL}"' in grid_source
+    assert inspect.signature(monitor.error_map).parameters["vmax"].default == demo.ERROR_VMAX

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,12 @@ def error_map(inputs: torch.Tensor, recons: torch.Tensor, vmax: float = 0.5) -> 
 
 
 def save_reconstruction_grid(inputs: torch.Tensor, recons: torch.Tensor, path: Path,
-                             title: Optional[str] = None, min_tile: int = 128) -> Path:
+                             title: Optional[str] = None, min_tile: int = 128,
+                             row_labels: Optional[Sequence[str]] = None) -> Path:
     """Save a PNG with one row per image: input | reconstruction | |error| (magma, 0 → 0.5).
-    Tiles smaller than ``min_tile`` pixels are enlarged (nearest neighbour) so small images stay legible."""
+    Tiles smaller than ``min_tile`` pixels are enlarged (nearest neighbour) so small images stay legible.
+    ``row_labels`` (one short text per row, e.g. file, modality, PSNR) are written in a margin on the left;
+    without them the image is exactly as before."""
     from PIL import Image, ImageDraw
     a, b, e = to_uint8(inputs), to_uint8(recons.clamp(-1, 1)), error_map(inputs, recons)
     rows = [np.concatenate([a[i], b[i], e[i]], axis=1) for i in range(a.shape[0])]
@@ -48,10 +51,26 @@ def save_reconstruction_grid(inputs: torch.Tensor, recons: torch.Tensor, path: P
         draw.text((i * w + 4, header - 13), label, fill="black")
     if title:
         draw.text((4, 1), title, fill="gray")
+    if row_labels is not None:
+        canvas = _with_row_labels(canvas, row_labels, header, a.shape[1] * scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def _with_row_labels(canvas, labels: Sequence[str], header: int, row_height: int):
+    """``canvas`` with a white margin on the left holding ``labels[i]`` beside row i (rows of ``row_height``
+    pixels below a ``header``)."""
+    from PIL import Image, ImageDraw
+    measure = ImageDraw.Draw(canvas)
+    margin = 8 + int(max((measure.textlength(str(t)) for t in labels), default=0))
+    labelled = Image.new("RGB", (canvas.width + margin, canvas.height), "white")
+    labelled.paste(canvas, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    for i, text in enumerate(labels):
+        draw.text((4, header + i * row_height + row_height // 2 - 5), str(text), fill="black")
+    return labelled
 
 
 class MetricsLog:

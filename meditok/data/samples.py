@@ -40,7 +40,9 @@ def read_metadata_csv(
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise MedicalImageError(csv_path, "metadata CSV not found", "check the --csv path")
+        raise MedicalImageError(csv_path, "metadata CSV not found",
+                                "check the path given for it (train.py: --train-csv / --vis-csv; the evaluation "
+                                "and data tools: --csv)")
     try:
         table = pd.read_csv(csv_path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:

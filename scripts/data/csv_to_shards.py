@@ -21,8 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from meditok.data import write_shards
-from meditok.data.samples import BAD_SAMPLES_FILE
+from meditok.data import MedicalImageError, write_shards
+from meditok.data.samples import BAD_SAMPLES_FILE, read_metadata_csv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         f"in <out-dir>/{BAD_SAMPLES_FILE} (skip)",
     )
     args = parser.parse_args(argv)
+    try:
+        return pack(args)
+    except MedicalImageError as error:  # a user's file: one line naming it, no traceback
+        raise SystemExit(f"csv_to_shards: {error}") from None
 
+
+def pack(args: argparse.Namespace) -> int:
+    rows = len(read_metadata_csv(args.csv, [args.image_column], sep=args.sep))
+    if rows == 0:
+        raise SystemExit(f"csv_to_shards: {args.csv} has a header but no rows: nothing to pack. Fix: list one image "
+                         f"per line under the header ({args.image_column}, {args.caption_column}, "
+                         f"{args.modality_column}).")
     summary = write_shards(
         args.csv,
         args.out_dir,
@@ -86,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         on_error=args.on_error,
         progress=True,
     )
+    if summary["num_samples"] == 0:
+        raise SystemExit(f"csv_to_shards: none of the {rows} images of {args.csv} could be packed (all bad, see "
+                         f"{args.out_dir / BAD_SAMPLES_FILE}); no shard was written.")
     size = sum((args.out_dir / s["name"]).stat().st_size for s in summary["shards"])
     print(
         f"wrote {summary['num_samples']} samples in {len(summary['shards'])} shard(s) "

@@ -9,7 +9,8 @@ too, with the reader's message as the reason.
 
 Example:
   python scripts/data/quality_control.py --csv datasets/meta/examples_train.csv \\
-      --root datasets/examples --workers 2
+      --root datasets/examples --workers 2 \\
+      --kept outputs/qc/examples_train_kept.csv --dropped outputs/qc/examples_train_dropped.csv
 
 Writes <csv stem>_kept.csv (the rows that pass, all columns as they were) and
 <csv stem>_dropped.csv (the rows that fail, plus a `reason` column) next to the input unless
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.csv.with_suffix("")
     kept_path = args.kept or Path(f"{stem}_kept.csv")
     dropped_path = args.dropped or Path(f"{stem}_dropped.csv")
+    for path in (kept_path, dropped_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     passed = [r == "" for r in reasons]
     table[passed].to_csv(kept_path, sep=args.sep, index=False, lineterminator="\n")
     dropped = table[[not p for p in passed]].copy()

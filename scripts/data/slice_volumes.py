@@ -13,9 +13,10 @@ Examples:
   # a CSV listing volumes (identifier, modality, optional caption) relative to --root
   python scripts/data/slice_volumes.py --input-csv volumes.csv --root raw/ --out-dir slices/
 
-Writes the PNGs under --out-dir/<volume name>/<axis>_<index>.png and a metadata CSV
-(identifier relative to --out-dir, caption, modality, source, axis, slice_index) ready for
-CSVImageDataset(..., root=--out-dir) and scripts/data/quality_control.py.
+Writes the PNGs under --out-dir/<volume file stem>/<axis>_<index>.png (two volumes with the same
+stem: <stem>, <stem>_2, ...) and a metadata CSV (identifier relative to --out-dir, caption, modality,
+source, axis, slice_index) ready for CSVImageDataset(..., root=--out-dir) and
+scripts/data/quality_control.py.
 """
 
 from __future__ import annotations
@@ -45,9 +46,28 @@ OUTPUT_COLUMNS = ("identifier", "caption", "modality", "source", "axis", "slice_
 
 
 def volume_name(identifier: str) -> str:
-    """A file-system-safe, unique-per-path folder name for a volume's slices."""
-    stem = re.sub(r"(\.nii\.gz|\.nii|\.dcm)$", "", identifier.strip().rstrip("/"), flags=re.I)
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", stem).strip("_") or "volume"
+    """A file-system-safe folder name for a volume's slices: the file's stem (``scans/anatomical.nii.gz`` →
+    ``anatomical``) or the DICOM series folder's name."""
+    stem = re.sub(r"(\.nii\.gz|\.nii|\.dcm)$", "", Path(identifier.strip().rstrip("/\\")).name, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_.") or "volume"
+
+
+def volume_names(identifiers: list[str]) -> dict[str, str]:
+    """``volume_name`` of each distinct identifier, made unique in input order: the second ``a/ct.nii`` and
+    ``b/ct.nii`` becomes ``ct_2`` (the metadata CSV's ``source`` column keeps the full path)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for identifier in identifiers:
+        if identifier in names:
+            continue
+        base = name = volume_name(identifier)
+        n = 1
+        while name.lower() in taken:  # case-insensitive: folders must not clash on macOS/Windows either
+            n += 1
+            name = f"{base}_{n}"
+        names[identifier] = name
+        taken.add(name.lower())
+    return names
 
 
 def reason_kind(reason: str) -> str:
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_out.parent.mkdir(parents=True, exist_ok=True)
 
+    folder_of = volume_names([identifier for identifier, *_ in volumes])
     kept_total, candidates_total, failed = 0, 0, []
     dropped_reasons: Counter[str] = Counter()
     dropped_rows = []
@@ -189,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 failed.append(str(error))
                 continue
-            name = volume_name(identifier)
+            name = folder_of[identifier]
             for candidate in iter_volume_slices(volume, modality, args.step, ct_rules, mri_rules):
                 candidates_total += 1
                 axis = AXIS_NAMES[candidate.axis]
