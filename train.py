@@ -19,6 +19,7 @@ from utilities import dist
 from utilities.args import parse_args
 from utilities.checkpointing import Checkpointer
 from utilities.monitor import ReconstructionGrids, StepLogger
+from utilities.preflight import check_networks
 from utilities.runtime import StopRequests, setup_runtime
 from utilities.schedule import Schedule
 from utilities.trainer import Trainer
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = setup_runtime(args)
     run_dir = Path(args.output_dir)
+    check_networks(args)  # every missing teacher / loss network named at once, before anything is built
     checkpointer = Checkpointer(run_dir, args.keep_checkpoints, args)  # locks the run folder first
     stops, stopped, logger = None, "", None
     try:

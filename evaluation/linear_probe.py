@@ -62,6 +62,7 @@ from meditok.data.samples import resolve_identifier
 
 from .metrics import NonFiniteImageError, class_log_odds, classification_metrics, require_finite
 from .paper import PAPER, TABLE2_DATASETS, TABLE2_MEDITOK_AVERAGE
+from .progress import progress_options
 from .report import environment, markdown_table, relative, write_outputs
 from .tokenizer import (add_tokenizer_arguments, encode_for_evaluation, grid_features_from_ids, labelled_warnings,
                         load_tokenizer, tokenizer_fingerprint)
@@ -367,7 +368,8 @@ def extract_features(model, dataset: ProbeDataset, split: str, img_size: int, ba
         total = len(images) if max_samples is None else min(len(images), max_samples)
         loader = DataLoader(torch.utils.data.Subset(images, range(total)), batch_size=batch_size, num_workers=num_workers)
         batches = (batch["image"] for batch in loader)
-    with tqdm(total=total, desc=f"encode {dataset.name}/{split}", unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc=f"encode {dataset.name}/{split}", unit="img", disable=not progress,
+              **progress_options()) as bar:
         for images in batches:
             out = encode_for_evaluation(model, images.to(device), reconstruct=False)
             ids.append(out["ids"].to(torch.int16).cpu())
@@ -512,7 +514,7 @@ def train_linear_probe(train: FeatureTable, train_labels: np.ndarray, test: Feat
         targets = torch.as_tensor(np.asarray(train_labels), dtype=torch.float32, device=device)
         loss_fn = torch.nn.BCEWithLogitsLoss()
     history = []
-    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress)
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, **progress_options())
     for epoch in bar:
         layer.train()
         order = torch.randperm(len(train), generator=generator).to(device)

@@ -48,6 +48,7 @@ from . import fid_inception
 from .linear_probe import MULTI_CLASS, FeatureTable, infer_task, train_linear_probe
 from .metrics import GaussianStatistics, NonFiniteImageError, frechet_distance_of, quantize_to_uint8, require_finite, ssim
 from .paper import PAPER, TABLE_S2_MEDITOK
+from .progress import progress_options
 from .reconstruction import add_inception_arguments, build_inception
 from .report import environment, markdown_table, relative, write_outputs
 from .tokenizer import add_tokenizer_arguments, encode_for_evaluation, labelled_warnings, load_tokenizer
@@ -289,7 +290,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     inception, fid_info = build_inception(args, device)
     original_stats = reconstruction_stats = None
     volumes, features = [], {"grid": {}, "pooled": {}}
-    for i, row in tqdm(list(table.iterrows()), desc="volumes", unit="volume", disable=args.quiet):
+    for i, row in tqdm(list(table.iterrows()), desc="volumes", unit="volume", disable=args.quiet,
+                       **progress_options()):
         try:
             # HU for CT (DICOM rescale applied; NIfTI as stored); refuses volumes holding NaN/Inf voxels.
             raw = read_volume(row["path"])

@@ -130,24 +130,23 @@ class Throughput:
 def plot_loss_curves(metrics_path: Path, out_path: Path, keys: Optional[Iterable[str]] = None,
                      title: Optional[str] = None) -> Optional[Path]:
     """One panel per logged quantity against the step; returns the PNG path (None if nothing logged).
-    ``keys`` None: every ``loss/*`` key in the log, then the adaptive weight, codebook usage and lr."""
+    ``keys`` None: every ``loss/*`` key in the log, then the adaptive weight, codebook usage, gradient norm, lr."""
     records = read_metrics(metrics_path)
     if keys is None:
         seen = list(dict.fromkeys(k for r in records for k in r))
-        keys = [k for k in seen if k.startswith("loss/")] + [k for k in ("adv_weight", "codebook_usage", "lr")
-                                                            if k in seen]
+        keys = [k for k in seen if k.startswith("loss/")] + [k for k in ("adv_weight", "codebook_usage", "grad_norm",
+                                                                      "lr") if k in seen]
     present = [k for k in keys if any(k in r for r in records)]
     if not records or not present:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure: no backend switch, so notebooks keep inline display
     cols = min(4, len(present))
     rows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, present):
         pts = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, marker="." if len(pts) < 30 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_ylabel("% of codewords used" if key == "codebook_usage" else key.split("/")[-1])
@@ -158,7 +157,6 @@ def plot_loss_curves(metrics_path: Path, out_path: Path, keys: Optional[Iterable
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return Path(out_path)
 
 
@@ -285,18 +283,21 @@ class ReconstructionGrids:
         self.every, self.run_dir, self.data, self.trainer = args.vis_every, Path(run_dir), data, trainer
         self.enabled = is_main and self.every > 0
         self.images: Optional[torch.Tensor] = None
+        self.labels: Optional[List[str]] = None
 
     def maybe_save(self, step: int, total: int) -> Optional[Path]:
         if not self.enabled or (step % self.every and step != total):
             return None
         if self.images is None:
-            images = self.data.grid_images()
-            if images is None:
+            found = self.data.grid_images()
+            if found is None:
                 return None
+            images, self.labels = found
             self.images = images.to(self.trainer.device)
         tokenizer = self.trainer.tokenizer
         tokenizer.eval()
         with torch.no_grad(), self.trainer.autocast():
             recon = tokenizer.img_to_reconstructed_img(self.images)
         tokenizer.train()
-        return save_reconstruction_grid(self.images, recon, self.run_dir / "vis" / f"step{step:08d}.png", f"step {step}")
+        return save_reconstruction_grid(self.images, recon, self.run_dir / "vis" / f"step{step:08d}.png", f"step {step}",
+                                        row_labels=self.labels)

@@ -120,6 +120,7 @@ class TrainingData:
         self.sharded = bool(args.train_shards)
         self.bad_samples = 0
         self.first_images: Optional[torch.Tensor] = None  # shards: the grids show the stream's first images
+        self.first_labels: List[str] = []
         if self.sharded:
             from meditok.data import StreamPosition
             self.loader = DataLoader(self.dataset, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -203,6 +204,8 @@ class TrainingData:
             self.position.update(batch)
             if self.first_images is None:
                 self.first_images = batch["image"][:6].clone()
+                self.first_labels = [f"{Path(str(i)).stem} ({m})" for i, m in
+                                     zip(batch.get("identifier", [""] * 6), batch.get("modality", [""] * 6))][:6]
         if "bad_samples_skipped" in batch:
             self.bad_samples += int(batch["bad_samples_skipped"].sum())
         return batch
@@ -218,18 +221,20 @@ class TrainingData:
             self.batch_in_epoch += 1
         return batches
 
-    def grid_images(self, n: int = 6) -> Optional[torch.Tensor]:
-        """Up to n images without augmentation for the reconstruction grids, one per modality first: from
-        ``--vis-csv`` if set, else the training CSV; for shards without ``--vis-csv``, the stream's first
-        batch (augmented; None until a batch was drawn)."""
+    def grid_images(self, n: int = 6) -> Optional[Tuple[torch.Tensor, List[str]]]:
+        """Up to n images without augmentation for the reconstruction grids, one per modality first, and their
+        row labels ("file (modality)"): from ``--vis-csv`` if set, else the training CSV; for shards without
+        ``--vis-csv``, the stream's first batch (augmented; None until a batch was drawn)."""
         from meditok.data import CSVImageDataset, eval_transform
         csv = self.args.vis_csv or ("" if self.sharded else self.args.train_csv)
         if not csv:
-            return self.first_images
+            return (self.first_images, self.first_labels) if self.first_images is not None else None
         root = (self.args.vis_root if self.args.vis_csv else self.args.train_root) or None
         ds = CSVImageDataset(csv, root=root, transform=eval_transform(self.img_size), image_column=self.args.image_column,
                              caption_column=self.args.caption_column, modality_column=self.args.modality_column,
                              sep=self.args.csv_sep, on_error="skip")
         first_of_each = list({m: i for i, m in reversed(list(enumerate(ds.modalities)))}.values())[::-1]
         rows = (first_of_each + [i for i in range(len(ds)) if i not in first_of_each])[:n]
-        return torch.stack([ds[i]["image"] for i in rows])
+        samples = [ds[i] for i in rows]
+        return (torch.stack([s["image"] for s in samples]),
+                [f"{Path(str(s['identifier'])).stem} ({s['modality']})" for s in samples])
