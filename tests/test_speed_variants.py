@@ -171,6 +171,9 @@ FUSED_NORM_CHECK = textwrap.dedent("""
     with torch.no_grad():
         torch.testing.assert_close(fused.img_to_reconstructed_img(x), eager.img_to_reconstructed_img(x),
                                    rtol=1e-4, atol=1e-4)
+    from timm.layers import LayerNorm2d, LayerNormAct2d
+    norms = [m for m in fused.modules() if isinstance(m, (LayerNorm2d, LayerNormAct2d))]
+    assert norms and all(getattr(m, "_fused_norm", False) for m in norms), [type(m) for m in norms]
     print("routed", k.install(fused))
 """)
 

@@ -92,10 +92,11 @@ def install(model: nn.Module) -> int:
     for m in model.modules():
         if getattr(m, "_fused_norm", False):
             continue
-        if isinstance(m, LayerNormAct2d):
-            if not (isinstance(m.act, nn.GELU) and m.act.approximate == "none" and isinstance(m.drop, nn.Identity)):
+        if isinstance(m, LayerNormAct2d):  # timm's MbConv pre-norms are LayerNormAct2d without activation
+            exact_gelu = isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+            if not (isinstance(m.drop, nn.Identity) and (exact_gelu or isinstance(m.act, nn.Identity))):
                 continue
-            gelu = True
+            gelu = exact_gelu
         elif isinstance(m, LayerNorm2d):
             gelu = False
         else:
