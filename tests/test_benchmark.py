@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -97,9 +96,10 @@ def test_gpu_ab_script_runs_end_to_end_in_smoke_mode(tmp_path):
     for task in ("tokenize", "reconstruct"):
         for variant in ("baseline", "upsample_direct", "fused_norm", "cuda_graphs", "regional_compile"):
             assert rows[(task, variant)]["images_per_s"] > 0, (task, variant)
-    # on the CPU the CUDA-graph and fused-norm variants run the eager code: identical outputs
+    # on the CPU the CUDA-graph variant runs the eager code: identical outputs
     assert rows[("tokenize", "cuda_graphs")]["numerics"] == "ids 100.00 %"
-    assert rows[("reconstruct", "fused_norm")]["numerics"] == "max|d| 0.0e+00"
+    assert rows[("reconstruct", "cuda_graphs")]["numerics"] == "max|d| 0.0e+00"
+    assert rows[("reconstruct", "upsample_direct")]["numerics"].startswith("max|d| ")
     base, ckpt = rows[("train stage 1", "baseline")], rows[("train stage 1", "ckpt_vit_selective_conv")]
     assert base["images_per_s"] > 0 and ckpt["images_per_s"] > 0 and base["speedup"] == 1.0
     assert (tmp_path / "out" / "gpu_ab_runs.tar.gz").exists()

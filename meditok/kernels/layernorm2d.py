@@ -88,12 +88,14 @@ def install(model: nn.Module) -> int:
     kernel when it applies (inference, channels-last input, CUDA); their eager forward otherwise. In place
     (instance attributes: names and state dict unchanged); returns how many modules were routed."""
     from timm.layers import LayerNorm2d, LayerNormAct2d
+    from timm.layers.activations import GELU as TimmGELU
     routed = 0
     for m in model.modules():
         if getattr(m, "_fused_norm", False):
             continue
         if isinstance(m, LayerNormAct2d):  # timm's MbConv pre-norms are LayerNormAct2d without activation
-            exact_gelu = isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+            # timm builds its own GELU module (F.gelu, exact) for act_layer="gelu"
+            exact_gelu = (isinstance(m.act, nn.GELU) and m.act.approximate == "none") or isinstance(m.act, TimmGELU)
             if not (isinstance(m.drop, nn.Identity) and (exact_gelu or isinstance(m.act, nn.Identity))):
                 continue
             gelu = exact_gelu
