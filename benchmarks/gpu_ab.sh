@@ -39,7 +39,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 if [ "${GPU_AB_SMOKE:-0}" = 1 ]; then
   preset=tiny; dev=cpu; px=32; steps=1; warm=1; nets_flag=; b32=2; b64=3; caps=20
   settings="2x32"; regional_settings="2x32"; backend="--compile-backend aot_eager"; iters="--warmup 1 --iters 1"
-  eff_variants="baseline upsample_direct fused_norm cuda_graphs"
+  eff_variants="baseline upsample_direct cuda_graphs"
   regional_variants="baseline regional_compile"
 else
   preset=large; dev=cuda; px=256; steps=5; warm=3; nets_flag=--full-size; b32=32; b64=64; caps=1

@@ -38,7 +38,7 @@ def runs(work: Path) -> List[Dict[str, object]]:
 
 def inference_rows(work: Path) -> List[Dict[str, object]]:
     rows = []
-    for path in sorted(work.glob("eff_*/efficiency.json")):
+    for path in sorted(work.glob("eff_*/efficiency.json"), key=lambda p: (p.parent.name != "eff_variants", p.parent.name)):
         records = (_read(path) or {}).get("records", [])
         base = {}
         for r in records:
@@ -89,13 +89,13 @@ def training_rows(work: Path) -> List[Dict[str, object]]:
 
 
 def table(rows: List[Dict[str, object]]) -> str:
-    lines = ["| workload | variant | batch | images/s | peak GB | speed-up | numerics vs baseline |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| workload | variant | batch | images/s | peak GB | speed-up | numerics vs baseline | run |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = r["error"] or (f"{r['images_per_s']:.1f}" if r["images_per_s"] is not None else "–")
         gb = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "–"
         up = f"{r['speedup']:.2f}×" if r.get("speedup") is not None else "–"
-        lines.append(f"| {r['workload']} | {r['variant']} | {r['batch']} | {ips} | {gb} | {up} | {r['numerics']} |")
+        lines.append(f"| {r['workload']} | {r['variant']} | {r['batch']} | {ips} | {gb} | {up} | {r['numerics']} | {r['run']} |")
     return "\n".join(lines)
 
 

@@ -205,20 +205,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     single = {"channels_last": args.channels_last, "compile": args.compile or False, "upsample": args.upsample,
               "fused_norm": args.fused_norm, "cuda_graphs": args.cuda_graphs, "score_chunk": args.score_chunk}
     variants = {name: VARIANTS[name] for name in args.variants} if args.variants else {"run": single}
-    try:
-        records = run_variants(args, device, variants)
-    finally:
-        shutdown_compile_workers()
-    ok = [r for r in records if "error" not in r]
+    out = Path(args.out)
     env = {**environment(device), "channels_last": args.channels_last, "compile": bool(args.compile),
            "compile_form": args.compile, "compile_backend": args.compile_backend if args.compile else None,
-           "variants": variants if args.variants else None, "finished_at": time.time()}
-    out = Path(args.out)
-    markdown = to_markdown(ok, env, args.preset if not args.checkpoint else "checkpoint")
-    report.write_outputs(out, "efficiency", {"preset": args.preset, "environment": env,
-                                             "paper_table_s4": PAPER_TABLE_S4, "records": records},
-                         markdown, {"": ok})
-    print(markdown)
+           "variants": variants if args.variants else None}
+
+    def save(records: List[Dict[str, object]], final: bool) -> str:
+        """Write the outputs; also after each variant, so a run cut short keeps what it finished."""
+        ok = [r for r in records if "error" not in r]
+        markdown = to_markdown(ok, env, args.preset if not args.checkpoint else "checkpoint")
+        report.write_outputs(out, "efficiency", {"preset": args.preset, "environment": {**env, "finished_at": time.time(),
+                                                                                         "complete": final},
+                                                 "paper_table_s4": PAPER_TABLE_S4, "records": records},
+                             markdown, {"": ok})
+        return markdown
+
+    try:
+        records = run_variants(args, device, variants, on_variant=lambda recs: save(recs, final=False))
+    finally:
+        shutdown_compile_workers()
+    print(save(records, final=True))
     print(f"wrote {out / 'efficiency.json'}, .md and .csv", flush=True)
     return 0
 
@@ -233,7 +239,8 @@ def _build(args, device: torch.device, state: Optional[dict]) -> meditok.MedITok
     return model
 
 
-def run_variants(args, device: torch.device, variants: Dict[str, Dict[str, object]]) -> List[Dict[str, object]]:
+def run_variants(args, device: torch.device, variants: Dict[str, Dict[str, object]],
+                 on_variant=None) -> List[Dict[str, object]]:
     """Every (variant, cell) record; with several variants, each record also carries its numerics against the
     first variant's output on the same inputs."""
     cells = [(t, d, b, s) for (b, s) in args.settings for d in args.dtypes for t in args.tasks]
@@ -268,6 +275,8 @@ def run_variants(args, device: torch.device, variants: Dict[str, Dict[str, objec
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_variant is not None and v < len(variants) - 1:
+            on_variant(records)
     return records
 
 
