@@ -129,18 +129,20 @@ def test_selective_checkpointing_gives_the_plain_gradients_in_float64():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_selective_checkpointing_stores_less_than_none_and_more_than_full():
-    from meditok.info import activations_per_checkpointing
-    mib = activations_per_checkpointing("tiny", 32)
+def test_selective_checkpointing_stores_less_and_the_budget_lines_add_up():
+    from meditok import info
+    mib = info.activations_per_checkpointing("tiny", 32)
     assert mib["vit"] < mib["vit_selective"] < mib["none"]
     assert mib["all"] < mib["vit_selective+decoder_conv"] < mib["decoder_conv"]
-
-
-def test_info_prints_selective_memory_and_the_80gb_budget(capsys):
-    from meditok import info
-    assert info.main(["tiny", "--img-size", "32", "--activations"]) == 0
-    out = capsys.readouterr().out
-    assert "vit_selective" in out and "at batch 64" in out and "80 GB" in out
+    params = sum(p.numel() for p in meditok.build_meditok("tiny", empty=True).parameters())
+    row = {"preset": "tiny", "img_size": 32, "parameters": {"total": params}, "activation_mib_per_image_fp32": mib}
+    text = info.memory_budget_lines(row, batch=64, gpu_gb=80)
+    # independent arithmetic: 16 B per parameter + bf16 share of the fp32 activations × 64 + the calibrated rest
+    total = 16 * params / 1e9 + mib["vit_selective"] * 2 ** 20 * info.BF16_ACTIVATION_FRACTION * 64 / 1e9 \
+        + info.LOSS_NETWORKS_AND_SLACK_GB
+    line = next(l for l in text.splitlines() if l.strip().startswith("vit_selective:"))
+    assert f"= {total:.1f} GB -> fits 80 GB at batch 64" in line
+    assert "does NOT fit 1 GB" in info.memory_budget_lines(row, batch=64, gpu_gb=1)
 
 
 FUSED_NORM_CHECK = textwrap.dedent("""
