@@ -104,4 +104,4 @@ def test_gpu_ab_script_runs_end_to_end_in_smoke_mode(tmp_path):
     assert base["images_per_s"] > 0 and ckpt["images_per_s"] > 0 and base["speedup"] == 1.0
     assert (tmp_path / "out" / "gpu_ab_runs.tar.gz").exists()
     last = done.stdout.strip().splitlines()
-    assert last[-1].startswith("| ") and any(line.startswith("| workload | variant |") for line in last[-len(rows) - 3:])
+    assert last[-1].startswith("| ") and any(line.startswith("| workload | variant |") for line in last[-len(result["rows"]) - 3:])
