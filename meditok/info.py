@@ -121,6 +121,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--activations", action="store_true",
                         help="also: activation memory kept for the backward pass per image, per gradient-checkpointing "
                              "setting (float32, counted on the meta device; bf16 autocast keeps ≈ 0.52-0.58 of it)")
+    parser.add_argument("--budget-batch", type=int, default=64,
+                        help="with --activations: the per-GPU batch of the memory budget lines (default 64, the paper's)")
+    parser.add_argument("--budget-gb", type=float, default=80.0,
+                        help="with --activations: GPU memory the budget is checked against (default 80, an H100)")
     args = parser.parse_args(argv)
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
@@ -131,13 +135,49 @@ def main(argv: Optional[List[str]] = None) -> int:
             row["activation_mib_per_image_fp32"] = activations_per_checkpointing(row["preset"], row["img_size"])
     print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
     if args.activations and not args.json:
-        print("\nActivation memory kept for the backward pass, MiB per image (float32; `--grad_ckpt_parts`):\n")
-        print("| preset | img | no checkpointing | vit | decoder_conv | all |\n|---|---|---|---|---|---|")
+        print("\nActivation memory kept for the backward pass, MiB per image (float32; `--grad-ckpt-parts`):\n")
+        settings = ("none",) + MedITok.CHECKPOINT_PARTS
+        print("| preset | img | " + " | ".join(s if s != "none" else "no checkpointing" for s in settings) + " |")
+        print("|---|---|" + "---|" * len(settings))
         for r in rows:
             a = r["activation_mib_per_image_fp32"]
-            print(f"| {r['preset']} | {r['img_size']} | {a['none']:.0f} | {a['vit']:.0f} | {a['decoder_conv']:.0f} | "
-                  f"{a['all']:.0f} |")
+            print(f"| {r['preset']} | {r['img_size']} | " + " | ".join(f"{a[s]:.0f}" for s in settings) + " |")
+        for r in rows:
+            print("\n" + memory_budget_lines(r, batch=args.budget_batch, gpu_gb=args.budget_gb))
     return 0
+
+
+#: Calibration of the budget below on two peaks measured on one H200 (bf16, `large`, 256 px, batch 64, every
+#: loss; docs/performance.md): 107.8 GB without checkpointing and 69.7 GB with ``vit``. Their difference over the
+#: float32 bytes counted here (2,332 − 1,215 MiB per image) gives the fraction of those bytes bf16 autocast keeps;
+#: what the no-checkpointing peak has beyond the tokenizer's states and activations is the loss networks'
+#: weights and activations, cuDNN/cuBLAS workspaces and allocator slack.
+BF16_ACTIVATION_FRACTION = 0.51
+LOSS_NETWORKS_AND_SLACK_GB = 17.0
+
+
+def memory_budget(parameters: int, activation_mib_per_image: float, batch: int) -> Dict[str, float]:
+    """GB (10^9 B) of one training rank: float32 weights, gradients and Adam's two moments (16 B per trainable
+    parameter), bf16 activations for ``batch`` images (float32 bytes × ``BF16_ACTIVATION_FRACTION``) and the
+    calibrated rest (``LOSS_NETWORKS_AND_SLACK_GB``)."""
+    states = 16 * parameters / 1e9
+    activations = activation_mib_per_image * 2 ** 20 * BF16_ACTIVATION_FRACTION * batch / 1e9
+    return {"weights_grads_adam_gb": states, "activations_gb": activations, "other_gb": LOSS_NETWORKS_AND_SLACK_GB,
+            "total_gb": states + activations + LOSS_NETWORKS_AND_SLACK_GB}
+
+
+def memory_budget_lines(row: Dict[str, object], batch: int = 64, gpu_gb: float = 80.0) -> str:
+    """One line per checkpointing setting: does a batch of ``batch`` fit ``gpu_gb``?"""
+    params = row["parameters"]["total"]
+    lines = [f"Memory per GPU at batch {batch} ({row['preset']}, {row['img_size']} px): weights + grads + Adam "
+             f"moments (fp32, 16 B × {params / 1e6:.0f} M parameters) + bf16 activations ({BF16_ACTIVATION_FRACTION} "
+             f"× float32) + loss networks and slack ({LOSS_NETWORKS_AND_SLACK_GB:g} GB, calibrated on `large`):"]
+    for setting, mib in row["activation_mib_per_image_fp32"].items():
+        b = memory_budget(params, mib, batch)
+        verdict = "fits" if b["total_gb"] <= gpu_gb else "does NOT fit"
+        lines.append(f"  {setting:>26}: {b['weights_grads_adam_gb']:.1f} + {b['activations_gb']:.1f} + "
+                     f"{b['other_gb']:.0f} = {b['total_gb']:.1f} GB -> {verdict} {gpu_gb:g} GB at batch {batch}")
+    return "\n".join(lines)
 
 
 def activations_per_checkpointing(preset: str, img_size: int) -> Dict[str, float]:

@@ -35,9 +35,10 @@ from .vitamin import ViTaminDecoder, ViTaminEncoder
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def _compile_with_eager_fallback(module: nn.Module, name: str, **compile_kwargs) -> None:
-    """Compile ``module``'s forward in place (one specialised graph per input shape); on a compilation error,
-    warn and switch that module back to its eager forward for good.
+def _compile_with_eager_fallback(module: nn.Module, name: str, dynamic: Optional[bool] = False,
+                                 **compile_kwargs) -> None:
+    """Compile ``module``'s forward in place (``dynamic=False``: one specialised graph per input shape); on a
+    compilation error, warn and switch that module back to its eager forward for good.
 
     Dynamo's process-wide ``suppress_errors`` would do the fallback too, but for every compiled function in
     the process (a user's own ``torch.compile`` would then hide its errors); this catches them for this module
@@ -47,7 +48,7 @@ def _compile_with_eager_fallback(module: nn.Module, name: str, **compile_kwargs)
     from torch._dynamo.exc import TorchDynamoException
 
     eager_forward = module.forward  # the class's forward, bound to this instance
-    compiled_forward = torch.compile(eager_forward, dynamic=False, **compile_kwargs)
+    compiled_forward = torch.compile(eager_forward, dynamic=dynamic, **compile_kwargs)
 
     def forward(*args, **kwargs):
         try:
@@ -60,6 +61,77 @@ def _compile_with_eager_fallback(module: nn.Module, name: str, **compile_kwargs)
             return eager_forward(*args, **kwargs)
 
     module.forward = forward  # an instance attribute: parameter names and state dict are unchanged
+
+
+def compile_regions(model: "MedITok") -> Dict[str, nn.Module]:
+    """The repeated units regional compilation compiles one by one, by name: the encoder's stem, each MbConv
+    block and the strided pool, each ViT block of encoder and decoder, and each decoder upsampling stage.
+    Blocks of one kind share their code and, at equal shapes, their compiled graph (dynamo inlines module
+    parameters as graph inputs), so a 24-block ViT compiles one block graph, not 24."""
+    backbone = model.encoder.patch_embed.backbone
+    regions: Dict[str, nn.Module] = {"encoder.stem": backbone.stem}
+    for s, stage in enumerate(backbone.stages):
+        regions.update({f"encoder.stages.{s}.{i}": block for i, block in enumerate(stage)})
+    regions["encoder.pool"] = backbone.pool
+    regions.update({f"encoder.blocks.{i}": b for i, b in enumerate(model.encoder.blocks)})
+    regions.update({f"decoder.blocks.{i}": b for i, b in enumerate(model.decoder.blocks)})
+    regions.update({f"decoder.conv_stages.{i}": st for i, st in enumerate(model.decoder.conv_stages())})
+    return regions
+
+
+class GraphedCall:
+    """A token-API method replayed from CUDA graphs, one captured per static input signature.
+
+    ``GraphedCall(fn)(x)`` equals ``fn(x)``. On a CUDA tensor with gradients off (``torch.inference_mode`` /
+    ``no_grad``), the first call with a new (shape, dtype, strides, autocast) signature warms ``fn`` up on a
+    side stream and captures it into a ``torch.cuda.CUDAGraph``; later calls copy ``x`` into the captured
+    input buffer, replay the graph (one launch for the hundreds of kernels of a forward pass, no per-kernel
+    CPU overhead) and return a copy of the captured output. Everything else (CPU tensors, gradients on) calls
+    ``fn`` directly, and so does every call after a capture failed (with one warning). Each captured signature
+    keeps its input/output buffers and its intermediates' memory pool alive (shared between signatures).
+    """
+
+    def __init__(self, fn, name: str, validate=None):
+        self.fn, self.name, self.validate = fn, name, validate
+        self.graphs: Dict[tuple, tuple] = {}
+        self.failed = False
+        self.pool = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda" or self.failed or torch.is_grad_enabled():
+            return self.fn(x)
+        if self.validate is not None:
+            self.validate(x)  # user errors surface as errors, not as a capture failure
+        key = (tuple(x.shape), x.dtype, x.stride(), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+               torch.is_inference_mode_enabled())
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture(x)
+            except RuntimeError as error:
+                warnings.warn(f"CUDA-graph capture of MedITok.{self.name} failed ({str(error).splitlines()[0]}); "
+                              f"running it eagerly instead", RuntimeWarning, stacklevel=2)
+                self.failed = True
+                return self.fn(x)
+        static_in, static_out, graph = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor):
+        static_in = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: cuDNN/cuBLAS heuristics, lazy allocations
+            for _ in range(2):
+                self.fn(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.fn(static_in)
+        return static_in, static_out, graph
 
 
 class MedITok(nn.Module):
@@ -117,41 +189,93 @@ class MedITok(nn.Module):
         return self
 
     #: what ``set_grad_checkpointing(parts=...)`` can recompute in the backward pass
-    CHECKPOINT_PARTS = ("all", "vit", "decoder_conv")
+    CHECKPOINT_PARTS = ("all", "vit", "decoder_conv", "vit_selective", "vit_selective+decoder_conv")
 
     def set_grad_checkpointing(self, enable: bool = True, parts: str = "all") -> None:
         """Recompute activations in the backward pass to save memory: ``parts="vit"`` the ViT blocks of encoder
-        and decoder, ``"decoder_conv"`` the decoder's upsampling stages, ``"all"`` both. Gradients are unchanged.
-        Recomputing the ViTs costs more FLOPs, the decoder's conv stages fewer; how much memory each setting
-        frees is printed by ``python -m meditok.info large --activations`` (figures in docs/performance.md)."""
+        and decoder, ``"decoder_conv"`` the decoder's upsampling stages, ``"all"`` both (whole units: only their
+        input is stored). ``"vit_selective"`` checkpoints the ViT blocks selectively: the outputs of their
+        matmuls and fused attention are stored, the cheap memory-bound ops between them (LayerNorm, GELU, the
+        GeGLU product, residual adds) are recomputed, so the backward pass repeats no matmul;
+        ``"vit_selective+decoder_conv"`` adds whole-stage checkpointing of the decoder's upsampling stages.
+        Gradients are unchanged. How much memory each setting frees, and whether a batch of 64 then fits a GPU,
+        is printed by ``python -m meditok.info large --activations`` (figures in docs/performance.md)."""
         if parts not in self.CHECKPOINT_PARTS:
             raise ValueError(f"grad-checkpointing parts {parts!r}: use one of {self.CHECKPOINT_PARTS}")
-        vit = enable and parts in ("all", "vit")
-        self.encoder.grad_checkpointing = vit
-        self.decoder.grad_checkpointing = vit
-        self.decoder.grad_checkpointing_convs = enable and parts in ("all", "decoder_conv")
+        vit = {"all": True, "vit": True}.get(parts, "selective" if parts.startswith("vit_selective") else False)
+        conv = parts in ("all", "decoder_conv", "vit_selective+decoder_conv")
+        self.encoder.grad_checkpointing = vit if enable else False
+        self.decoder.grad_checkpointing = vit if enable else False
+        self.decoder.grad_checkpointing_convs = conv and enable
 
-    def speed_up(self, channels_last: bool = False, compile: bool = False, backend: str = "inductor",
-                 mode: Optional[str] = None) -> "MedITok":
+    #: forms of ``speed_up(compile=...)``: True/"whole" = encoder and decoder each as one graph (the original
+    #: option), "regional" = each repeated block on its own (``compile_regions``)
+    COMPILE_FORMS = ("whole", "regional")
+    UPSAMPLE_FORMS = ("transposed", "direct")
+
+    def speed_up(self, channels_last: bool = False, compile=False, backend: str = "inductor",
+                 mode: Optional[str] = None, upsample: Optional[str] = None, fused_norm: bool = False,
+                 cuda_graphs: bool = False, score_chunk: Optional[int] = None) -> "MedITok":
         """Run-time options for speed that change neither the parameters' names nor the results (beyond float
-        rounding); in place, returns the model.
+        rounding); in place, returns the model. Every option off (the defaults) leaves the model as built.
 
         ``channels_last``: the encoder and decoder convolutions keep their weights and activations in NHWC
         layout (cuDNN's fast path for bf16 convolutions, and LayerNorm2d's permutes become free); the decoder
-        already receives NHWC-strided maps from its token reshape. ``compile``: ``torch.compile`` of the
-        encoder and the decoder (each compiled in place with ``backend`` — a name or a backend callable — and
-        ``mode``; the quantizer and projections stay eager, fp32; each new input shape compiles once). A part
-        whose forward graph fails to compile warns once and runs eagerly from then on; dynamo's global
-        settings (``torch._dynamo.config``) are left as they are, so other compiled code in the process still
-        reports its errors.
+        already receives NHWC-strided maps from its token reshape.
+
+        ``compile``: ``True`` or ``"whole"``: ``torch.compile`` of the encoder and the decoder, each one graph
+        per input shape. ``"regional"``: each repeated unit compiled on its own (``compile_regions``: stem,
+        MbConv blocks, ViT blocks, decoder upsampling stages): identical blocks reuse one compiled graph, so
+        compilation takes a fraction of the whole-model time, and batch sizes after the first compile one
+        dynamic-batch graph (``dynamic=None``) instead of one graph each. Compiled with ``backend`` (a name or a
+        backend callable) and ``mode``; the quantizer and projections stay eager, fp32. A unit whose forward
+        graph fails to compile warns once and runs eagerly from then on; dynamo's global settings are left as
+        they are.
+
+        ``upsample``: ``"transposed"`` (the built default: the 3×3 conv of each ×2 upsampling run as a stride-2
+        4×4 transposed conv over the small map, 16/36 of the FLOPs) or ``"direct"`` (nearest ×2 then the 3×3
+        conv; same parameters and, in exact arithmetic, the same result; a plain convolution may meet a faster
+        cuDNN engine).
+
+        ``fused_norm``: LayerNorm2d (+GELU) of the conv stages as one Triton kernel over channels-last maps at
+        inference (``meditok.kernels.layernorm2d``; needs ``channels_last`` and CUDA, eager otherwise).
+
+        ``cuda_graphs``: ``img_to_idx`` and ``img_to_reconstructed_img`` (and their aliases) replay CUDA graphs
+        captured per static input shape (``GraphedCall``); CPU inputs and calls with gradients run eagerly.
+
+        ``score_chunk``: the quantizer scores this many tokens at a time (ids unchanged, less peak memory).
         """
+        if compile not in (False, True) + self.COMPILE_FORMS:
+            raise ValueError(f"compile={compile!r}: use False, True (= 'whole') or one of {self.COMPILE_FORMS}")
+        if upsample is not None and upsample not in self.UPSAMPLE_FORMS:
+            raise ValueError(f"upsample={upsample!r}: use one of {self.UPSAMPLE_FORMS}")
         if channels_last:
             for part in (self.encoder, self.decoder):
                 part.to(memory_format=torch.channels_last)
             self.encoder.channels_last = True
-        if compile:
+        if upsample is not None:
+            from .vitamin import Upsample2d
+            for m in self.decoder.modules():
+                if isinstance(m, Upsample2d):
+                    m.direct = upsample == "direct"
+        if fused_norm:
+            from .kernels.layernorm2d import install
+            install(self.encoder)
+            install(self.decoder)
+        if score_chunk is not None:
+            self.quantizer.score_chunk = int(score_chunk)
+        if compile in (True, "whole"):
             for name in ("encoder", "decoder"):
                 _compile_with_eager_fallback(getattr(self, name), name, backend=backend, mode=mode)
+        elif compile == "regional":
+            for name, region in compile_regions(self).items():
+                _compile_with_eager_fallback(region, name, dynamic=None, backend=backend, mode=mode)
+        if cuda_graphs:
+            for name in ("img_to_idx", "img_to_reconstructed_img"):
+                graphed = GraphedCall(getattr(self, name), name, validate=self._check_image)
+                setattr(self, name, graphed)
+            # the class-level aliases point at the class's functions: bind them to the graphed calls too
+            self.tokenize, self.reconstruct = self.img_to_idx, self.img_to_reconstructed_img
         return self
 
     @property

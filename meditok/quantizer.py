@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,7 @@ class MultiCodebookQuantizer(nn.Module):
         self.codebook_dim = codebook_dim
         self.beta = beta
         self.sync_usage = sync_usage
+        self.score_chunk: Optional[int] = None  # tokens scored at once (None: all); see _nearest
         self.weight = nn.Parameter(torch.empty(num_codebooks, codebook_size, codebook_dim))
         # Running estimate of how often each code is chosen (an EMA of per-batch frequencies), kept for
         # checkpoint compatibility and dead-code monitoring. Updated only in training mode.
@@ -99,9 +100,17 @@ class MultiCodebookQuantizer(nn.Module):
         # whatever autocast region the caller is in: with 4,096 codewords on the 8-d sphere the best and
         # second-best similarities are often closer than bf16's resolution (≈ 4e-3), and bf16 scores would
         # pick a different id for several % of the tokens (docs/performance.md, "bf16 numerics").
+        #
+        # ``score_chunk`` (tokens per piece, run-time attribute) scores the N tokens in pieces: the [K, N, V]
+        # float32 score tensor (4.3 GB for 128 images of 256 tokens) is then never whole in memory, only
+        # [K, chunk, V] at a time. Each token's scores are the same dot products either way, so ids are equal.
+        z_chunks, codebooks = z_chunks.detach(), codebooks.detach().transpose(1, 2)
         with autocast_off(z_chunks):
-            sim = torch.bmm(z_chunks.detach(), codebooks.detach().transpose(1, 2))  # both float32 already
-        return sim.argmax(dim=-1)  # [K, N]
+            n, step = z_chunks.shape[1], self.score_chunk
+            if not step or n <= step:
+                return torch.bmm(z_chunks, codebooks).argmax(dim=-1)  # [K, N]; both float32 already
+            return torch.cat([torch.bmm(z_chunks[:, i:i + step], codebooks).argmax(dim=-1)
+                              for i in range(0, n, step)], dim=1)
 
     def _assign(self, z: torch.Tensor):
         """Nearest codewords of z [B, L, K*D] → (unit chunks [K, N, D], ids [K, N], codewords [K, N, D])."""

@@ -13,6 +13,7 @@ encoder: [B, 3, H, W] in [-1, 1] → [B, H/16·W/16, C];  decoder: [B, h·w, C] 
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Optional, Sequence, Tuple
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, LayerNormAct2d, make_divisible
 from timm.models.vision_transformer import Block
 from timm.models.vitamin import GeGluMlp, MbConvStages, VitCfg, VitConvCfg
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 ViTLayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -38,12 +39,47 @@ def vit_blocks(width: int, depth: int, heads: int, mlp_ratio: float, drop_path: 
     ])
 
 
-def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+#: ops whose outputs selective checkpointing keeps: the weight matmuls, convolutions and fused attention kernels
+#: (the costly FLOPs). Everything else inside a block (LayerNorm, GELU, the GeGLU product, residual adds,
+#: copies) is memory-bound and cheap, so it is recomputed in the backward pass instead of being stored. Batched
+#: matmuls (``bmm``) are not kept: outside the fused attention kernels they are the unfused attention's
+#: [heads, L, L] score and probability maps, 4× a token map each at 256 tokens, cheaper to recompute than to keep.
+_SAVED_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "convolution", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+def save_matmuls_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpointing policy: keep matmul/conv/attention outputs, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(save_matmuls_policy)
+
+
+# Newer torch lets the tensors selective checkpointing keeps pass through saved-tensor hooks (how
+# meditok.info counts stored activations); older versions keep them out of any hook.
+_SAC_KWARGS = ({"respect_saved_tensors_hooks": True}
+               if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
+
+
+def run_checkpointed(module: nn.Module, x: torch.Tensor, mode) -> torch.Tensor:
+    """``module(x)`` with activation checkpointing ``mode``: False/None (plain call), ``"full"`` (store only
+    the input, recompute everything) or ``"selective"`` (store matmul/conv outputs, recompute the cheap ops)."""
+    if not mode or not (torch.is_grad_enabled() and x.requires_grad):
+        return module(x)
+    if mode == "selective":
+        return checkpoint(module, x, use_reentrant=False, context_fn=_selective_context, **_SAC_KWARGS)
+    return checkpoint(module, x, use_reentrant=False)
+
+
+def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing) -> torch.Tensor:
+    """``grad_checkpointing``: False, True (= "full") or "selective" (see ``run_checkpointed``)."""
+    mode = "full" if grad_checkpointing is True else grad_checkpointing
     for block in blocks:
-        if grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
-            x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = block(x)
+        x = run_checkpointed(block, x, mode)
     return x
 
 
@@ -82,7 +118,7 @@ class ViTaminEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, vit_width), requires_grad=False)
         self.blocks = vit_blocks(vit_width, vit_depth, vit_heads, mlp_ratio, drop_path)
         self.norm = ViTLayerNorm(vit_width)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # False, True or "selective"
         self.channels_last = False  # MedITok.speed_up(channels_last=True): NHWC convolutions
 
     def forward(self, x: torch.Tensor, return_grid: bool = False):
@@ -103,16 +139,18 @@ class Upsample2d(nn.Module):
     stride-2 transposed conv with a 4×4 kernel over the small map, whose taps are sums of the 3×3 taps
     (``subpixel_kernel``). Each output pixel then reads 2×2 instead of 3×3 input values: 16/36 of the
     multiply-adds of these convs (most of the decoder's FLOPs; figures in docs/performance.md) and no
-    4×-sized intermediate to store for the backward pass. ``direct=True`` runs the textbook form (the
-    reference the tests compare with).
+    4×-sized intermediate to store for the backward pass. ``direct=True`` (or the run-time attribute
+    ``self.direct``, set by ``MedITok.speed_up(upsample="direct")``) runs the textbook form: more FLOPs, but
+    a plain 3×3 convolution, for which cuDNN may have a faster engine than for the transposed one.
     """
 
     def __init__(self, in_chs: int, out_chs: int):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=1, padding=1)
+        self.direct = False  # run-time choice of form only: parameters and state dict are the same
 
-    def forward(self, x: torch.Tensor, direct: bool = False) -> torch.Tensor:
-        if direct:
+    def forward(self, x: torch.Tensor, direct: Optional[bool] = None) -> torch.Tensor:
+        if self.direct if direct is None else direct:
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         return F.conv_transpose2d(x, subpixel_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
@@ -191,8 +229,8 @@ class ViTaminDecoder(nn.Module):
         self.up_conv2 = nn.Sequential(*[InvMbConvBlock(w1, w1, upsample=(d == 0)) for d in range(d_coarse)])
         self.up_conv3 = nn.Sequential(*[InvMbConvBlock(w1 if d == 0 else w0, w0, upsample=(d == 0)) for d in range(d_fine)])
         self.up_conv4 = InvStem(w0, 3)
-        self.grad_checkpointing = False  # ViT blocks
-        self.grad_checkpointing_convs = False  # upsampling stages
+        self.grad_checkpointing = False  # ViT blocks: False, True or "selective"
+        self.grad_checkpointing_convs = False  # upsampling stages: False, True or "selective"
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -209,7 +247,11 @@ class ViTaminDecoder(nn.Module):
         x = _run_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.norm(x)
         x = x.transpose(1, 2).reshape(B, C, grid[0], grid[1])
-        ckpt = self.grad_checkpointing_convs and torch.is_grad_enabled() and x.requires_grad
-        for stage in (self.up_conv1, *self.up_conv2, *self.up_conv3, self.up_conv4):
-            x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
+        mode = "full" if self.grad_checkpointing_convs is True else self.grad_checkpointing_convs
+        for stage in self.conv_stages():
+            x = run_checkpointed(stage, x, mode)
         return x
+
+    def conv_stages(self) -> Tuple[nn.Module, ...]:
+        """The upsampling stages in order (each a unit of checkpointing and of regional compilation)."""
+        return (self.up_conv1, *self.up_conv2, *self.up_conv3, self.up_conv4)
