@@ -40,10 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from evaluation.report import markdown_table, write_outputs
 
-from evaluation.report import markdown_table, write_outputs  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = ("base", "i_stage1_only", "ii_stage1_stage2")
 SETTING_TITLES = {

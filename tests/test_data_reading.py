@@ -40,7 +40,7 @@ def signed(values: np.ndarray, full_scale: float) -> np.ndarray:
 
 
 def robust_minmax(values: np.ndarray) -> np.ndarray:
-    """Independent reference for the SPEC's MRI normalisation (0.5-99.5 percentiles)."""
+    """Independent reference for the paper's MRI normalisation (0.5-99.5 percentiles)."""
     low, high = np.percentile(values.astype(np.float64), [0.5, 99.5])
     return np.clip((values - low) / (high - low) * 2.0 - 1.0, -1.0, 1.0)
 
@@ -92,7 +92,7 @@ def test_window_maps_edges_to_minus_one_and_one_and_clips(name):
 
 
 def test_ct_windows_are_the_spec_windows():
-    spec = {  # SPEC §3
+    spec = {  # docs/method.md §3
         "full": (-1000, 2000, 0.2),
         "common": (-1000, 1000, 0.3),
         "soft_tissue": (-150, 250, 0.3),
@@ -105,7 +105,7 @@ def test_ct_windows_are_the_spec_windows():
 def test_int16_hu_png_round_trip_is_exact(tmp_path):
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 2001, size=(37, 53)).astype(np.int32)
-    hu[0, :2] = (-1000, 2000)  # the SPEC's clip range edges
+    hu[0, :2] = (-1000, 2000)  # the clip range edges of docs/method.md §3
     # written by us ...
     save_png(tmp_path / "ours.png", ct_png_values(hu))
     np.testing.assert_array_equal(read_ct_hu(tmp_path / "ours.png")[0].numpy(), hu)

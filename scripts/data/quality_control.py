@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""2D quality control of a metadata CSV (SPEC §3, paper appendix A.2.2).
+"""2D quality control of a metadata CSV (docs/method.md §3, paper appendix A.2.2).
 
 Each image is read exactly as training reads it (read_image, CT through the 'common' window),
 turned into its 8-bit RGB proxy, and dropped when

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert CT and MRI volumes to 2D training slices the way the paper did (SPEC §3).
+"""Convert CT and MRI volumes to 2D training slices the way the paper did (docs/method.md §3).
 
 CT: Hounsfield units (DICOM rescale slope/intercept applied) clipped to [-1000, 2000]; every 5th
 slice along each of the three axes; a slice is kept when background ratio (HU <= -1000) <= 0.6,
