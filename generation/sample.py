@@ -172,19 +172,9 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8, min_tile: int = 
 
 
 def save_npz_atomically(path: Path, **arrays) -> Path:
-    """``np.savez`` to a temporary file in the same folder, then rename: a crash never leaves a partial .npz."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``np.savez`` through :func:`meditok.atomic_write`: a crash never leaves a partial .npz."""
+    from meditok import atomic_write
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 

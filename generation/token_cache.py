@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from meditok import atomic_write, atomic_write_via_path
 
 CACHE_FORMAT = "meditok-token-cache-v1"
 IDS_FILE = "ids.npy"
@@ -213,24 +214,8 @@ def shards_source(shards: str, img_size: int) -> ImageSource:
 # --------------------------------------------------------------------------------------------------
 # Writing
 
-def _atomic_save(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the cache the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: Path, payload: Dict[str, Any]) -> None:
-    _atomic_save(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write(path, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
 def resolve_label_names(labels: Sequence[str], label_names: Optional[Sequence[str]], where: str) -> List[str]:
@@ -302,7 +287,7 @@ def _batches(source: ImageSource, start: int, stop: int, batch_size: int, num_wo
 
 
 def _write_chunk(chunk_dir: Path, name: str, ids: np.ndarray, rows: List[Dict[str, Any]]) -> None:
-    _atomic_save(chunk_dir / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), ids))
+    atomic_write(chunk_dir / f"{name}.npy", lambda f: np.save(f, ids))
     # The JSON is written second: a chunk counts as done only when both exist.
     _write_json(chunk_dir / f"{name}.json", {"rows": rows})
 
@@ -442,7 +427,7 @@ def _assemble(out: Path, plan: Dict[str, Any], num_chunks: int, tokenizer_source
         array.flush()
         del array
 
-    _atomic_save(out / IDS_FILE, write_ids)
+    atomic_write_via_path(out / IDS_FILE, write_ids)
 
     def write_meta(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
@@ -451,7 +436,7 @@ def _assemble(out: Path, plan: Dict[str, Any], num_chunks: int, tokenizer_source
             for i, row in enumerate(rows):
                 writer.writerow({"row": i, **row})
 
-    _atomic_save(out / META_FILE, write_meta)
+    atomic_write_via_path(out / META_FILE, write_meta)
     counts = Counter(row["label_name"] for row in rows)
     manifest = {**plan, "num_rows": total, "ids_shape": [total] + list(parts[0].shape[1:]), "ids_dtype": "uint16",
                 "counts_per_label": {name: counts.get(name, 0) for name in plan["label_names"]},

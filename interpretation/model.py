@@ -282,12 +282,12 @@ class MedITokLlava(nn.Module):
         """Write the projector as ``safetensors`` with its type and sizes in the metadata (atomically)."""
         from safetensors.torch import save_file
 
-        from meditok.checkpoint import _atomic_write
+        from meditok import atomic_write_via_path
 
         path = Path(path)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector.state_dict().items()}
         metadata = {"config": json.dumps(self.projector_config())}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        atomic_write_via_path(path, lambda tmp: save_file(state, tmp, metadata=metadata))
         return path
 
     def load_projector(self, path: Union[str, Path]) -> None:

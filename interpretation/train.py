@@ -273,12 +273,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler, step: int, args) -> None:
     """Trainable weights + optimiser + schedule + RNG + step, written atomically (temp file, fsync, rename)."""
-    from meditok.checkpoint import _atomic_write
+    from meditok import atomic_write
 
     payload = {"format": CHECKPOINT_FORMAT, "step": step, "stage": args.stage, "args": vars(args),
                "trainable": {k: v.detach().cpu() for k, v in trainable_parameters(model).items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler) -> int:
@@ -313,7 +313,7 @@ def resolve_resume(args, out: Path) -> Optional[Path]:
 
 def save_outputs(out: Path, model: MedITokLlava, args) -> None:
     """The final artefacts: projector, LoRA adapter (stage B), and the description evaluation.vqa reads."""
-    from meditok.checkpoint import _atomic_write
+    from meditok import atomic_write
 
     model.save_projector(out / PROJECTOR_FILE)
     lora = None
@@ -325,7 +325,7 @@ def save_outputs(out: Path, model: MedITokLlava, args) -> None:
                                     else args.vision_tower), "features": args.features,
                    "img_size": model.vision_tower.img_size, "projector": PROJECTOR_FILE, "lora": lora,
                    **model.projector_config(), "template": model.template.name, "seed": args.seed}
-    _atomic_write(out / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+    atomic_write(out / RUN_FILE, lambda f: f.write((json.dumps(description, indent=2) + "\n").encode()))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Dict, List
 # when a model is built. A command-line tool can therefore parse its arguments and report a missing file at once.
 _EXPORTS: Dict[str, str] = {
     "RELEASED_FILES": "checkpoint", "RELEASED_HUB_REPO": "checkpoint", "CheckpointError": "checkpoint",
-    "atomic_write": "checkpoint", "build_meditok": "checkpoint", "diff_state_dict": "checkpoint",
+    "atomic_write": "checkpoint", "atomic_write_via_path": "checkpoint", "build_meditok": "checkpoint",
+    "diff_state_dict": "checkpoint",
     "extract_tokenizer_state_dict": "checkpoint", "load_meditok": "checkpoint", "matching_presets": "checkpoint",
     "save_meditok": "checkpoint",
     "PRESETS": "config", "MedITokConfig": "config", "get_config": "config",
@@ -28,7 +29,7 @@ _EXPORTS: Dict[str, str] = {
 
 __all__ = [
     "MedITok", "MedITokConfig", "PRESETS", "get_config", "build_meditok", "load_meditok", "save_meditok",
-    "atomic_write", "CheckpointError", "diff_state_dict", "matching_presets", "extract_tokenizer_state_dict",
+    "atomic_write", "atomic_write_via_path", "CheckpointError", "diff_state_dict", "matching_presets", "extract_tokenizer_state_dict",
     "MultiCodebookQuantizer", "QuantizerOutput", "RELEASED_FILES", "RELEASED_HUB_REPO",
 ]
 __version__ = "0.1.0"
@@ -48,7 +49,8 @@ def __dir__() -> List[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as ordinary imports
-    from .checkpoint import (RELEASED_FILES, RELEASED_HUB_REPO, CheckpointError, atomic_write, build_meditok,
+    from .checkpoint import (RELEASED_FILES, RELEASED_HUB_REPO, CheckpointError, atomic_write,
+                             atomic_write_via_path, build_meditok,
                              diff_state_dict, extract_tokenizer_state_dict, load_meditok, matching_presets,
                              save_meditok)
     from .config import PRESETS, MedITokConfig, get_config

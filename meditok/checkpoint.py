@@ -373,15 +373,24 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
     survives a power cut). A crash or kill mid-write leaves the previous file untouched and at most a
     ``.<name>.*.tmp`` file, which nothing reads. The file gets the permissions of a plain ``open`` (the
     umask decides), not the owner-only ones of the temp file, so collaborators can read checkpoints."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+    return atomic_write_via_path(path, fill)
+
+
+def atomic_write_via_path(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+    """:func:`atomic_write` for writers that need a file name rather than a file object (a numpy memmap,
+    ``safetensors.torch.save_file``): ``write(tmp_path)`` creates the temp file's contents."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -32,7 +32,7 @@ from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfi
                                         check_same_architecture, config_from_checkpoint, get_config)
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
-from meditok.checkpoint import _atomic_write
+from meditok import atomic_write
 
 CHECKPOINT_FORMAT = "meditok-joint-diffusion-v1"
 
@@ -243,7 +243,7 @@ def save_checkpoint(path: Path, model: JointDiffusionTransformer, optimizer, ste
     payload = {"format": CHECKPOINT_FORMAT, "diffusion_config": model.config.to_dict(),
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "step": step, "args": vars(args), **extra}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
