@@ -248,7 +248,7 @@ def test_args_precedence_and_errors(tmp_path, capsys):
     assert "--vis-every and --save-every must be ≥ 0" in usage_error(["--save-every", "-1"])
     assert "--on-bad-sample must be 'raise' or 'skip'" in usage_error(["--on-bad-sample", "foo"])
     assert "--precision must be auto, fp32 or bf16" in usage_error(["--precision", "fp16"])
-    assert "--grad-ckpt-parts must be all, vit or decoder_conv" in usage_error(
+    assert "--grad-ckpt-parts must be all, vit, decoder_conv" in usage_error(
         ["--grad-ckpt", "true", "--grad-ckpt-parts", "encoder"])
     assert "expected true/false" in usage_error(["--deterministic", "maybe"])
 
