@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from meditok import distributed
 from .ar_model import ARGenerator, ARConfig, generator_payload, get_ar_config
 from .token_cache import TokenCache, TokenCacheError, check_same_tokenizer
 

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -37,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from meditok import distributed
 
 from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
 from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError, ProjectorMismatchError
@@ -137,17 +138,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------
 # Distributed
 def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """(rank, world size, device); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
+    """(rank, world size, device); joins the torchrun process group (``meditok.distributed``)."""
+    device = distributed.init_distributed(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.rank(), distributed.world_size(), device
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -528,8 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ProjectorMismatchError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.cleanup()
     return 0
 
 

@@ -1,55 +1,18 @@
-"""Distributed helpers: torchrun initialisation (NCCL on GPU, gloo on CPU), rank queries, and an
-all-gather that keeps the gradient of the local shard (for the global-batch contrastive loss)."""
+"""Distributed helpers of the tokenizer's training: the torchrun set-up and rank queries of
+``meditok.distributed`` (re-exported here), an all-gather that keeps the gradient of the local shard (for the
+global-batch contrastive loss), and the small collectives of logging and checkpointing."""
 from __future__ import annotations
 
-import datetime
-import os
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
+from meditok.distributed import (barrier, cleanup, init_distributed, is_initialized, is_main, local_rank, rank,
+                                 world_size)
 
-def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def init_distributed(device_type: str) -> torch.device:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    if device_type == "cuda":
-        return torch.device("cuda", local_rank())
-    return torch.device(device_type)
-
-
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
-
-
-def cleanup() -> None:
-    if is_initialized():
-        dist.destroy_process_group()
+__all__ = ["barrier", "cleanup", "init_distributed", "is_initialized", "is_main", "local_rank", "rank", "world_size",
+           "all_gather_with_grad", "all_reduce_mean", "all_gather_objects", "broadcast_from_main"]
 
 
 class _GatherWithGrad(torch.autograd.Function):

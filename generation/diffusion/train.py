@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from generation.diffusion.masking import SCHEDULES, MaskSchedule, TaskMix, diffusion_loss
@@ -32,7 +30,7 @@ from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfi
                                         check_same_architecture, config_from_checkpoint, get_config)
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
-from meditok import atomic_write
+from meditok import atomic_write, distributed
 
 CHECKPOINT_FORMAT = "meditok-joint-diffusion-v1"
 
@@ -105,26 +103,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.cache is None:
         parser.error("--cache is required (a token cache folder from python -m generation.tokenize_dataset)")
     return args
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed
-
-def init_distributed(device: str) -> torch.device:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(device)
-
-
-def rank_world() -> tuple:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,8 +316,8 @@ class RunState:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    device = init_distributed(args.device)
-    rank, world = rank_world()
+    device = distributed.init_distributed(args.device)
+    rank, world = distributed.rank(), distributed.world_size()
     out = Path(args.out)
     cache = open_cache(args.cache)
     if args.text_tokenizer is None:
@@ -437,9 +415,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     progress.close()
     if codec.truncated and rank == 0:
         print(f"[diffusion] {codec.truncated} of {codec.seen} captions were truncated to {config.text_len} tokens")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.barrier()
+    distributed.cleanup()
     return {"step": step, "last": last, "truncated": codec.truncated}
 
 
