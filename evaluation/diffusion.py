@@ -262,7 +262,7 @@ def render_markdown(payload: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
               "text tok/s"]
     keys = ["task", "bleu1", "bleu4", "rougeL", "meteor", "gfid", "diversity", "agreement", "images_per_s",
             "text_tokens_per_s"]
-    lines = [f"# Joint diffusion evaluation", "",
+    lines = ["# Joint diffusion evaluation", "",
              f"Checkpoint `{payload['checkpoint']}`, cache `{payload['cache']}`, {payload['num_samples']} samples, "
              f"sampler {payload['sampler']}.", "",
              markdown_table(header, [[r.get(k) if k != "task" else r["task"] for k in keys] for r in rows], digits=3)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from generation.text import load_text_tokenizer, train_caption_tokenizer
