@@ -42,14 +42,15 @@ def _sync(device: torch.device) -> None:
 
 
 def synthetic_batch(trainer: Trainer, batch_size: int, device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Images in [-1, 1] and (stage 2) caption token ids, generated on the device."""
+    """Images in [-1, 1] and (with a text teacher) caption token ids, generated on the device."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     size = trainer.img_size
     batch = {"image": (torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1).to(device)}
-    if trainer.args.stage == 2 and trainer.teacher is not None:
+    text = trainer.alignment("text")
+    if text is not None:
         # ids past the special tokens; padding-free captions are the worst case for the text tower
-        vocab = int(getattr(trainer.teacher.text, "vocab_size", 1000))
-        batch["text"] = torch.randint(5, max(vocab, 6), (batch_size, trainer.teacher.context_length), generator=g).to(device)
+        vocab = int(getattr(text.teacher.text, "vocab_size", 1000))
+        batch["text"] = torch.randint(5, max(vocab, 6), (batch_size, text.teacher.context_length), generator=g).to(device)
     return batch
 
 

@@ -8,7 +8,8 @@ from utilities.preflight import check_networks, missing_networks
 
 
 def _args(**overrides):
-    values = dict(contrast=0.1, lpips_weight=1.0, adv_weight=0.4, biomedclip="", lpips_vgg="", dino="")
+    values = dict(vision_contrast=0.1, text_contrast=0.0, lpips_weight=1.0, adv_weight=0.4, biomedclip="",
+                  text_teacher_source="", lpips_vgg="", dino="")
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -26,7 +27,7 @@ def test_all_missing_networks_in_one_message(tmp_path):
     # one numbered line per network, in a fixed order
     numbered = [line for line in message.splitlines() if line.lstrip()[:2] in ("1.", "2.", "3.")]
     assert [line.split("(")[0].strip() for line in numbered] == [
-        "1. BiomedCLIP teacher", "2. LPIPS VGG16", "3. DINOv2 discriminator"]
+        "1. BiomedCLIP image teacher", "2. LPIPS VGG16", "3. DINOv2 discriminator"]
 
 
 def test_default_locations_follow_the_environment(tmp_path, monkeypatch):
@@ -43,12 +44,12 @@ def test_default_locations_follow_the_environment(tmp_path, monkeypatch):
 
 def test_only_networks_with_a_positive_weight_are_required(tmp_path):
     nowhere = str(tmp_path / "nowhere")
-    assert missing_networks(_args(contrast=0, lpips_weight=0, adv_weight=0, biomedclip=nowhere, lpips_vgg=nowhere,
+    assert missing_networks(_args(vision_contrast=0, lpips_weight=0, adv_weight=0, biomedclip=nowhere, lpips_vgg=nowhere,
                                   dino=nowhere)) == []
-    only_dino = missing_networks(_args(contrast=0, lpips_weight=0, biomedclip=nowhere, lpips_vgg=nowhere, dino=nowhere))
+    only_dino = missing_networks(_args(vision_contrast=0, lpips_weight=0, biomedclip=nowhere, lpips_vgg=nowhere, dino=nowhere))
     assert len(only_dino) == 1 and only_dino[0].startswith("DINOv2 discriminator")
     with pytest.raises(SystemExit, match=r"^1 pretrained network this run needs is missing"):
-        check_networks(_args(contrast=0, lpips_weight=0, dino=nowhere))
+        check_networks(_args(vision_contrast=0, lpips_weight=0, dino=nowhere))
 
 
 def test_present_networks_pass_and_an_incomplete_folder_is_named(tiny_networks, tmp_path):
@@ -68,3 +69,18 @@ def test_present_networks_pass_and_an_incomplete_folder_is_named(tiny_networks, 
 
 def test_hub_ids_are_not_checked_offline():
     assert missing_networks(_args(biomedclip="hf-hub:x/y", dino="hf-hub:x/z", lpips_vgg="random")) == []
+
+
+def test_the_text_teacher_is_checked_where_it_is_read(tmp_path, tiny_networks):
+    """Stage 2/3 read the text tower from --text-teacher (default: --biomedclip); a missing one is named once,
+    and a folder shared by both teachers is not reported twice."""
+    from utilities.args import Args
+    nowhere = str(tmp_path / "no_text_teacher")
+    stage3 = Args(stage=3, biomedclip=tiny_networks["biomedclip"], text_teacher=nowhere, lpips_vgg="random",
+                  dino=tiny_networks["dino"])
+    problems = missing_networks(stage3)
+    assert len(problems) == 1 and problems[0].startswith("text teacher") and "no_text_teacher" in problems[0]
+    assert missing_networks(Args(stage=1, biomedclip=tiny_networks["biomedclip"], text_teacher=nowhere,
+                                 lpips_vgg="random", dino=tiny_networks["dino"])) == []  # stage 1 reads no text
+    shared = Args(stage=3, biomedclip=nowhere, lpips_vgg="random", dino=tiny_networks["dino"])
+    assert [p.split(" (")[0] for p in missing_networks(shared)] == ["BiomedCLIP image teacher"]

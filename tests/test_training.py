@@ -280,7 +280,7 @@ def test_loss_terms_are_declared_and_weight_zero_turns_them_off(train_argv, tmp_
                                  l1_weight=0))
     trainer = Trainer(args, torch.device("cpu"))
     assert [t.name for t in trainer.loss_terms] == ["rec_l2", "vq"]
-    assert trainer.lpips is None and trainer.disc is None and trainer.teacher is None
+    assert trainer.lpips is None and trainer.disc is None and trainer.alignments == [] and not trainer.heads
     from utilities.schedule import Schedule
     trainer.schedule = Schedule.from_args(args, steps_per_epoch=5)
     images = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -22,10 +22,10 @@ def tiny_sources(tmp_path_factory):
 def textbook_backward(tr: Trainer, images: torch.Tensor, warm: float) -> dict:
     """Reference: VQGAN-style step as usually written (losses on x̂, autograd.grad twice, one backward)."""
     a = tr.args
-    out = tr.model(images, tr.teacher(images).float())
+    out = tr.model(images, {"vision": tr.alignment("vision").teacher(images).float()})
     rec = out["reconstruction"]
     nll = 0.2 * (rec - images).abs().mean() + ((rec - images) ** 2).mean() + tr.lpips(rec, images).mean()
-    logits_t = out["logit_scale"] * out["image_features"] @ out["target_features"].t()
+    logits_t = out["logit_scale"] * out["image_features"] @ out["target_features/vision"].t()
     labels = torch.arange(images.shape[0])
     contrast = 0.5 * (F.cross_entropy(logits_t, labels) + F.cross_entropy(logits_t.t(), labels))
     tr.disc.heads.requires_grad_(False)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Args:
     # --- what to train -------------------------------------------------------------------------
-    stage: int = 1  # 1: visual alignment to the BiomedCLIP image trunk; 2: textual alignment to its text tower
+    stage: int = 1  # 1: visual alignment to the BiomedCLIP image trunk; 2: textual alignment to its text tower; 3: both in one stage (the ablation of docs/method.md §4)
     preset: str = "tiny"  # tokenizer preset (meditok.PRESETS): tiny, small, base, large
     img_size: int = 0  # training resolution; 0 = the preset's
     init_from: str = ""  # tokenizer weights to start from (stage 2: stage 1's output or the released weights)
@@ -62,7 +62,8 @@ class Args:
     vq_weight: float = 1.0
     adv_weight: float = 0.4  # base of the adaptive GAN weight; 0 = no discriminator
     adv_clamp: Tuple[float, float] = (0.015, 1e4)  # clamp of the ratio ‖∇L_nll‖/‖∇L_adv‖
-    contrast_weight: float = -1.0  # -1 = the paper's weight for the stage: 0.1 (stage 1), 1.0 (stage 2); 0 = no teacher
+    contrast_weight: float = -1.0  # -1 = the paper's weight for the stage: 0.1 (stage 1), 1.0 (stage 2); stage 3: the visual term's (0.1); 0 = no teacher
+    text_contrast_weight: float = 1.0  # stage 3 only: weight of the textual term (stages 1 and 2 use --contrast-weight)
     bcr_weight: float = 4.0  # balanced consistency regularisation of the discriminator
     bcr_cutout: float = 0.2  # cutout of the strong augmentation for BCR
     diffaug_cutout: float = 0.2  # cutout of DiffAugment on the discriminator's inputs
@@ -75,6 +76,7 @@ class Args:
     disc_warmup_epochs: float = 0.03  # warm-up of the adversarial weight after the start, in epochs
     # --- pretrained networks (local paths; hub ids work when online) --------------------------------
     biomedclip: str = ""  # BiomedCLIP folder or hub id ('' = local_openclip default)
+    text_teacher: str = ""  # folder or hub id of the text teacher (stages 2, 3) when it is not --biomedclip's text tower ('' = --biomedclip)
     lpips_vgg: str = ""  # VGG16 weights for LPIPS ('' = default path; 'random' only for try-outs)
     dino: str = ""  # DINOv2 ViT-S/14 weights for the discriminator ('' = default path)
     # --- runtime ---------------------------------------------------------------------------------
@@ -103,8 +105,8 @@ class Args:
     # ----------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         problems = []
-        if self.stage not in (1, 2):
-            problems.append(f"--stage must be 1 or 2, got {self.stage}")
+        if self.stage not in (1, 2, 3):
+            problems.append(f"--stage must be 1, 2 or 3 (both alignments in one stage), got {self.stage}")
         if self.on_bad_sample not in ("raise", "skip"):
             problems.append(f"--on-bad-sample must be 'raise' or 'skip', got {self.on_bad_sample!r}")
         if self.preset not in PRESETS:
@@ -131,9 +133,24 @@ class Args:
 
     @property
     def contrast(self) -> float:
+        """Weight of the stage's contrastive term (stage 3: of its visual term)."""
         if self.contrast_weight >= 0:
             return self.contrast_weight
-        return 0.1 if self.stage == 1 else 1.0
+        return 1.0 if self.stage == 2 else 0.1
+
+    @property
+    def vision_contrast(self) -> float:
+        """Weight of the contrastive term against the image teacher (0 = no image teacher)."""
+        return self.contrast if self.stage in (1, 3) else 0.0
+
+    @property
+    def text_contrast(self) -> float:
+        """Weight of the contrastive term against the text teacher (0 = no text teacher, no captions read)."""
+        return {1: 0.0, 2: self.contrast, 3: self.text_contrast_weight}[self.stage]
+
+    @property
+    def text_teacher_source(self) -> str:
+        return self.text_teacher or self.biomedclip
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

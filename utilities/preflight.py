@@ -48,21 +48,26 @@ def _problem_dino(source: str) -> str:
 def missing_networks(args: Any) -> List[str]:
     """One line per required network whose files are missing or unusable (empty: all present).
 
-    ``args``: the training arguments (``utilities.args.Args`` or any object with ``contrast``,
-    ``lpips_weight``, ``adv_weight``, ``biomedclip``, ``lpips_vgg`` and ``dino``). A network is required
-    when its loss weight is > 0; a Hub id (``hf-hub:...``) is not checked (it is fetched when loaded).
+    ``args``: the training arguments (``utilities.args.Args`` or any object with ``vision_contrast``,
+    ``text_contrast``, ``lpips_weight``, ``adv_weight``, ``biomedclip``, ``text_teacher_source``,
+    ``lpips_vgg`` and ``dino``). A network is required when its loss weight is > 0; a Hub id (``hf-hub:...``)
+    is not checked (it is fetched when loaded); a folder already reported is not reported twice.
     """
     checks = (
-        ("BiomedCLIP teacher", "contrast", "--contrast-weight", "biomedclip", "--biomedclip", _problem_biomedclip),
+        ("BiomedCLIP image teacher", "vision_contrast", "--contrast-weight", "biomedclip", "--biomedclip",
+         _problem_biomedclip),
+        ("text teacher", "text_contrast", "--contrast-weight / --text-contrast-weight", "text_teacher_source",
+         "--text-teacher (default: --biomedclip)", _problem_biomedclip),
         ("LPIPS VGG16", "lpips_weight", "--lpips-weight", "lpips_vgg", "--lpips-vgg", _problem_lpips_vgg),
         ("DINOv2 discriminator", "adv_weight", "--adv-weight", "dino", "--dino", _problem_dino),
     )
-    problems = []
+    problems, checked = [], set()
     for what, weight_name, weight_flag, source_name, source_flag, find_problem in checks:
         weight = float(getattr(args, weight_name))
         source = str(getattr(args, source_name) or "")
-        if weight <= 0 or source.startswith("hf-hub:"):
+        if weight <= 0 or source.startswith("hf-hub:") or (find_problem, source) in checked:
             continue
+        checked.add((find_problem, source))
         problem = find_problem(source)
         if problem:
             problems.append(f"{what} (needed because {weight_flag} is {weight:g}; {source_flag} "

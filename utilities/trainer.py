@@ -1,10 +1,12 @@
-"""The training step of docs/method.md §2 and everything it needs: tokenizer, alignment head, frozen teacher,
+"""The training step of docs/method.md §2 and everything it needs: tokenizer, alignment heads, frozen teachers,
 LPIPS, DINO discriminator, optimisers, EMA, and the run's schedule. ``train.py`` drives it over the data;
 the step benchmark (``python -m evaluation.benchmark``) drives it over synthetic batches.
 
 One step (``Trainer.step``), per micro-batch of the gradient accumulation:
   generator: L = 0.2·L1 + L2 + LPIPS (= L_nll) + VQ + w_c·contrast + λ_adv·hinge_G(D(aug(x̂))),
              λ_adv adaptive at the decoder's last layer (VQGAN), warmed up; backward.
+             The contrastive term is against the image teacher (stage 1) or the text teacher (stage 2);
+             stage 3, the one-stage ablation, has both (``contrast_vision`` and ``contrast_text``).
   discriminator: hinge(D(aug(x)), D(aug(x̂))) + 4·BCR; backward.
 then clipped AdamW steps, logit-scale clamp, EMA update.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -59,18 +62,36 @@ class CaptionTokenizer:
         return self.tokenizer([caption])[0]
 
 
-class TrainingModel(nn.Module):
-    """Tokenizer + alignment head in one module, so one DDP wrapper syncs both."""
+@dataclass
+class Alignment:
+    """One contrastive term of docs/method.md §2: a frozen teacher (``vision``: the image trunk, fed the batch's
+    images; ``text``: the text tower, fed its caption ids) and the term's weight. Its trainable head
+    (f_vision / f_text) lives in ``TrainingModel.heads[name]``."""
+    name: str
+    teacher: nn.Module
+    weight: float
 
-    def __init__(self, tokenizer: meditok.MedITok, head: Optional[AlignmentHead]):
+    def teacher_input(self, batch: Dict[str, Any], images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.name == "vision":
+            return images
+        # all-padding columns are dropped while the ids are still on the host (no device sync)
+        return self.teacher.trim_padding(batch["text"]).to(device, non_blocking=True)
+
+
+class TrainingModel(nn.Module):
+    """Tokenizer + alignment heads in one module, so one DDP wrapper syncs them all."""
+
+    def __init__(self, tokenizer: meditok.MedITok, heads: Optional[Dict[str, AlignmentHead]] = None):
         super().__init__()
         self.tokenizer = tokenizer
-        self.head = head
+        self.heads = nn.ModuleDict(heads or {})
 
-    def forward(self, images: torch.Tensor, teacher_features: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, teacher_features: Optional[Dict[str, torch.Tensor]] = None
+                ) -> Dict[str, torch.Tensor]:
+        """The tokenizer's outputs and, per teacher feature given, ``target_features/<name>`` = f_name(features)."""
         out = self.tokenizer(images)
-        if self.head is not None and teacher_features is not None:
-            out["target_features"] = self.head(teacher_features)
+        for name, features in (teacher_features or {}).items():
+            out[f"target_features/{name}"] = self.heads[name](features)
         return out
 
 
@@ -122,17 +143,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self.img_size = args.img_size or tokenizer.config.img_size
 
-        self.teacher = self.text_tokenizer = None
-        if args.contrast > 0:
-            import local_openclip
-            if args.stage == 1:
-                self.teacher = local_openclip.load_vision_teacher(args.biomedclip or None, device=device)
-            else:
-                self.teacher = local_openclip.load_text_teacher(args.biomedclip or None, device=device)
-                self.text_tokenizer = CaptionTokenizer(local_openclip.load_tokenizer(args.biomedclip or None))
-        self.head = (AlignmentHead(self.teacher.output_dim, tokenizer.config.embed_dim).to(device)
-                     if self.teacher is not None else None)
-        self.model = TrainingModel(tokenizer, self.head)
+        self.text_tokenizer = None  # caption → ids, for the data; set when a text teacher is used
+        self.alignments = self._load_alignments()
+        self.heads = {a.name: AlignmentHead(a.teacher.output_dim, tokenizer.config.embed_dim).to(device)
+                      for a in self.alignments}
+        self.model = TrainingModel(tokenizer, self.heads)
         self.lpips = None
         if args.lpips_weight > 0:
             from .perceptual import build_lpips
@@ -181,6 +196,26 @@ class Trainer:
         if self.world > 1 and dist.rank() > 0:
             torch.manual_seed(rank_seed(args.seed, dist.rank()))
 
+    def _load_alignments(self) -> List[Alignment]:
+        """The stage's frozen teachers (stage 1: image, 2: text, 3: both; a weight of 0 loads none)."""
+        args, alignments = self.args, []
+        if args.vision_contrast <= 0 and args.text_contrast <= 0:
+            return alignments
+        import local_openclip
+        if args.vision_contrast > 0:
+            alignments.append(Alignment("vision", local_openclip.load_vision_teacher(
+                args.biomedclip or None, device=self.device), args.vision_contrast))
+        if args.text_contrast > 0:
+            source = args.text_teacher_source or None
+            alignments.append(Alignment("text", local_openclip.load_text_teacher(source, device=self.device),
+                                        args.text_contrast))
+            self.text_tokenizer = CaptionTokenizer(local_openclip.load_tokenizer(source))
+        return alignments
+
+    def alignment(self, name: str) -> Optional[Alignment]:
+        """The ``vision`` or ``text`` alignment of this run, or None."""
+        return next((a for a in self.alignments if a.name == name), None)
+
     def _speed_up(self) -> None:
         """--channels-last / --compile (after the EMA copy was made: that one stays a plain module)."""
         args = self.args
@@ -188,7 +223,8 @@ class Trainer:
         if args.channels_last and self.lpips is not None:
             self.lpips.to(memory_format=torch.channels_last)
         if args.compile:
-            for frozen in (self.lpips, self.disc.dino if self.disc is not None else None, self.teacher):
+            for frozen in (self.lpips, self.disc.dino if self.disc is not None else None,
+                           *(a.teacher for a in self.alignments)):
                 if frozen is not None:
                     frozen.compile(backend=args.compile_backend)
 
@@ -202,7 +238,7 @@ class Trainer:
             return
         ids = [self.device.index] if self.device.type == "cuda" else None
         # gradient_as_bucket_view: gradients live in DDP's buckets (no copy, and no stride-mismatch warning)
-        self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=self.head is None,
+        self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=not self.alignments,
                              gradient_as_bucket_view=True)
         if self.disc is not None:  # DDP syncs the heads only: the frozen DINO has no gradients to reduce
             self.ddp_disc = DDP(self.disc, device_ids=ids, gradient_as_bucket_view=True)
@@ -215,9 +251,11 @@ class Trainer:
                  LossTerm("vq", LossKind.LATENT, args.vq_weight, lambda out: out["vq_loss"])]
         if self.lpips is not None:
             terms.append(LossTerm("lpips", LossKind.IMAGE, args.lpips_weight, self._lpips))
-        if self.teacher is not None:
-            terms.append(LossTerm("contrast", LossKind.LATENT, args.contrast, lambda out: clip_contrastive_loss(
-                out["image_features"].float(), out["target_features"].float(), out["logit_scale"])))
+        for a in self.alignments:  # one alignment: "contrast" (the paper's stages); two: contrast_vision/_text
+            name = "contrast" if len(self.alignments) == 1 else f"contrast_{a.name}"
+            terms.append(LossTerm(name, LossKind.LATENT, a.weight, lambda out, key=f"target_features/{a.name}":
+                                  clip_contrastive_loss(out["image_features"].float(), out[key].float(),
+                                                        out["logit_scale"])))
         if self.disc is not None:
             terms.append(LossTerm("g_adv", LossKind.ADVERSARIAL, args.adv_weight, self._generator_adversarial))
         return [t for t in terms if t.weight > 0]
@@ -230,7 +268,7 @@ class Trainer:
         """Everything of the networks and optimisers a checkpoint needs (the frozen networks excluded)."""
         return {
             "config": self.tokenizer.config.to_dict(), "model": self.tokenizer.state_dict(),
-            "heads": self.head.state_dict() if self.head is not None else None,
+            "heads": self._heads_state(),
             "optimizer": self.opt.state_dict(),
             "disc": self.disc.heads.state_dict() if self.disc is not None else None,
             "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt is not None else None,
@@ -240,8 +278,8 @@ class Trainer:
 
     def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
         self.tokenizer.load_state_dict(ckpt["model"], strict=True)
-        if self.head is not None and ckpt.get("heads") is not None:
-            self.head.load_state_dict(ckpt["heads"])
+        if self.heads and ckpt.get("heads") is not None:
+            self._load_heads_state(ckpt["heads"])
         self.opt.load_state_dict(ckpt["optimizer"])
         if self.disc is not None and ckpt.get("disc") is not None:
             self.disc.heads.load_state_dict(ckpt["disc"])
@@ -250,12 +288,31 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
         self.tokenizer.quantizer.usage_updates = ckpt.get("usage_updates", ckpt.get("step", 0))
 
+    def _heads_state(self) -> Optional[Dict[str, Any]]:
+        """The alignment heads for a checkpoint: one head's state dict as it is (the paper's stages; what
+        ``generation.diffusion.report_metrics.load_text_head`` reads), two as ``{"vision": …, "text": …}``."""
+        if not self.heads:
+            return None
+        if len(self.heads) == 1:
+            return next(iter(self.heads.values())).state_dict()
+        return {name: head.state_dict() for name, head in self.heads.items()}
+
+    def _load_heads_state(self, state: Dict[str, Any]) -> None:
+        if len(self.heads) == 1:
+            next(iter(self.heads.values())).load_state_dict(state)
+            return
+        for name, head in self.heads.items():
+            if name not in state:
+                raise ValueError(f"the checkpoint has no '{name}' alignment head (its heads: {sorted(state)}); "
+                                 f"resume it with the --stage it was trained with")
+            head.load_state_dict(state[name])
+
     # --------------------------------------------------------------------------------------------
     def step(self, batches: List[Dict[str, Any]], step: int) -> Dict[str, torch.Tensor]:
         """One optimiser step (0-based ``step`` of ``self.schedule``) over ``len(batches)`` micro-batches
         (gradient accumulation).
 
-        Each batch holds ``image`` [b, 3, H, W] in [-1, 1] and, in stage 2, ``text`` token ids [b, L].
+        Each batch holds ``image`` [b, 3, H, W] in [-1, 1] and, with a text teacher, ``text`` token ids [b, L].
         Returns the logged values as 0-d tensors (no host sync here), ``grad_norm`` included; the learning
         rate of the step is ``self.lr``."""
         schedule = self.schedule
@@ -317,8 +374,8 @@ class Trainer:
         """Names of trainable tensors (tokenizer, alignment head, discriminator heads) holding NaN/Inf; one
         host sync."""
         named = [(f"tokenizer.{k}", v) for k, v in self.tokenizer.state_dict().items() if v.is_floating_point()]
-        if self.head is not None:
-            named += [(f"head.{k}", v) for k, v in self.head.state_dict().items()]
+        for head_name, head in self.heads.items():
+            named += [(f"head.{head_name}.{k}", v) for k, v in head.state_dict().items()]
         if self.disc is not None:
             named += [(f"disc.{k}", v) for k, v in self.disc.heads.state_dict().items() if v.is_floating_point()]
         flags = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()
@@ -339,11 +396,10 @@ class Trainer:
         """
         device, autocast = self.device, self.autocast
         images = batch["image"].to(device, non_blocking=True)
-        teacher_features = None
-        if self.teacher is not None:
-            with torch.no_grad(), autocast():
-                inputs = images if self.args.stage == 1 else batch["text"].to(device, non_blocking=True)
-                teacher_features = self.teacher(inputs).float()
+        teacher_features = {}
+        with torch.no_grad(), autocast():
+            for a in self.alignments:
+                teacher_features[a.name] = a.teacher(a.teacher_input(batch, images, device)).float()
         with autocast():
             out = self.ddp_model(images, teacher_features)
         rec = out["reconstruction"].float()

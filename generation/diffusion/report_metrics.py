@@ -17,7 +17,7 @@ and the stage-2 text head f_text (LayerNorm + linear to 768, from the stage-2 tr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -91,13 +91,16 @@ class TextAlignmentHead(nn.Module):
 
 
 def load_text_head(checkpoint: Union[str, Path]) -> TextAlignmentHead:
-    """The stage-2 f_text from a training checkpoint (``{'heads': {'norm.*', 'proj.*'}, ...}``)."""
+    """The stage-2 f_text from a training checkpoint (``{'heads': {'norm.*', 'proj.*'}, ...}``; of a stage-3
+    checkpoint, ``heads['text']``)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"alignment checkpoint {path} does not exist; pass a stage-2 training checkpoint "
                                 f"(e.g. runs/stage2_tiny/checkpoints/last.pth)")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     heads = payload.get("heads") if isinstance(payload, dict) else None
+    if isinstance(heads, dict) and isinstance(heads.get("text"), dict):
+        heads = heads["text"]  # a --stage 3 checkpoint holds {"vision": ..., "text": ...}
     if not heads or "proj.weight" not in heads:
         raise ValueError(f"{path} holds no stage-2 text head ('heads' with proj.weight); agreement needs the "
                          f"stage-2 training checkpoint, not a stage-1 one or an exported tokenizer")
