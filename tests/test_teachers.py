@@ -117,6 +117,19 @@ def test_text_teacher_tokenizer_and_output(text_teacher, tiny_clip_dir):
         text_teacher(ids.float())
 
 
+def test_text_teacher_drops_all_padding_columns_without_changing_the_features(text_teacher):
+    """trim_padding keeps the longest caption's tokens; the features equal the tower's on the full 256-token
+    context, computed here through the tower itself (no trimming)."""
+    ids = text_teacher.tokenize(["Axial CT of the chest showing a small nodule.", "fundus photograph"])
+    longest = int((ids != 0).sum(dim=1).max())
+    trimmed = text_teacher.trim_padding(ids)
+    assert trimmed.shape == (2, longest) and torch.equal(trimmed, ids[:, :longest])
+    with torch.no_grad():
+        full_context = text_teacher.text(ids)
+    torch.testing.assert_close(text_teacher(ids), full_context, rtol=1e-5, atol=1e-6)
+    assert text_teacher.trim_padding(torch.zeros(2, 256, dtype=torch.long)).shape == (2, 1)  # all padding
+
+
 def test_missing_or_broken_folders_raise_errors_that_name_the_file(tiny_clip_dir, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere") as error:
