@@ -65,3 +65,13 @@ def deterministic():
     """Deterministic kernels for the test, switched off afterwards."""
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    one thread is faster than two for them, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

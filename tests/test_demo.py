@@ -1,5 +1,4 @@
 """demo.py and demo.ipynb run on the example data with a tiny checkpoint and write their figures."""
-import json
 from pathlib import Path
 
 import torch

@@ -16,13 +16,7 @@ IMG = 32  # 2 × 2 token grid: enough to test the layout, cheap on 2 CPU cores
 LABELS = ["fundus", "ct_like", "fundus", "pathology", "ct_like"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a busy CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

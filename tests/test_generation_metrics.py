@@ -12,12 +12,7 @@ from evaluation.generation_metrics import (diversity_over_modalities, gfid_per_m
                                            pairwise_diversity)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def smooth_images(n, side, seed):

@@ -10,13 +10,7 @@ V = 32            # a small codebook keeps the tests fast; the layout is the rea
 GRID = (3, 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster than two fighting over a busy CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(head="sequential", seed=0, **overrides):

@@ -10,13 +10,7 @@ from interpretation.vision_tower import MedITokVisionTower
 IMG = 32  # tiny MedITok at 32 px: a 2 × 2 grid → 4 image features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two, and far faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ ROWS = [("ct/thorax_vertebra.png", "ct", "What imaging modality is this?", "CT",
         ("pathology/ihc_colon.png", "pathology", "What imaging modality is this?", "pathology", "open")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two, and far faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
