@@ -227,7 +227,8 @@ class TextTeacher(_FrozenModule):
         return self.tokenizer(list(texts) if not isinstance(texts, str) else texts)
 
     def trim_padding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Drop the trailing columns that are padding in every row: [B, L] → [B, L'] with L' the longest caption.
+        """Drop the trailing columns that are padding in every row: [B, L] → [B, L'], L' the longest caption's
+        length rounded up to a multiple of 8.
 
         The HF text tower masks padding out of attention and pooling, so the features do not change (the
         tests check equality); the tower's cost falls with L (short captions in a 256-token context: 6× less
@@ -238,7 +239,8 @@ class TextTeacher(_FrozenModule):
             return token_ids
         used = (token_ids != pad).any(dim=0).nonzero()
         length = int(used.max()) + 1 if used.numel() else 1
-        return token_ids[:, :length]
+        # rounded up to a multiple of 8: few distinct shapes (torch.compile, cuDNN/cuBLAS plans), aligned GEMMs
+        return token_ids[:, :min(token_ids.shape[1], -(-length // 8) * 8)]
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] (int64, from ``tokenize``) → text features [B, output_dim] (no gradient)."""

@@ -122,12 +122,14 @@ def test_text_teacher_drops_all_padding_columns_without_changing_the_features(te
     context, computed here through the tower itself (no trimming)."""
     ids = text_teacher.tokenize(["Axial CT of the chest showing a small nodule.", "fundus photograph"])
     longest = int((ids != 0).sum(dim=1).max())
+    kept = -(-longest // 8) * 8  # rounded up to a multiple of 8
     trimmed = text_teacher.trim_padding(ids)
-    assert trimmed.shape == (2, longest) and torch.equal(trimmed, ids[:, :longest])
+    assert longest < kept < 256 and trimmed.shape == (2, kept) and torch.equal(trimmed, ids[:, :kept])
     with torch.no_grad():
         full_context = text_teacher.text(ids)
     torch.testing.assert_close(text_teacher(ids), full_context, rtol=1e-5, atol=1e-6)
-    assert text_teacher.trim_padding(torch.zeros(2, 256, dtype=torch.long)).shape == (2, 1)  # all padding
+    assert text_teacher.trim_padding(torch.zeros(2, 256, dtype=torch.long)).shape == (2, 8)  # all padding
+    assert text_teacher.trim_padding(ids[:, :5]).shape == (2, 5)  # never longer than it was
 
 
 def test_missing_or_broken_folders_raise_errors_that_name_the_file(tiny_clip_dir, tmp_path):
