@@ -5,13 +5,12 @@
         --variant vit_selective "--batch-sizes 64 --grad-ckpt --grad-ckpt-parts vit_selective+decoder_conv" \\
         --variant upsample_direct "--batch-sizes 32 --upsample direct"
 
-Each variant's arguments are the benchmark's (every ``train.py`` flag in kebab-case, ``--config``, ...) after the
-``--common`` ones, plus tokenizer options the training CLI has no flag for, applied through
+Each variant's arguments are the benchmark's (every ``train.py`` flag in kebab-case, ``--config``, ...: e.g.
+``--upsample direct``) after the ``--common`` ones, plus one option ``train.py`` has no flag for, applied through
 ``MedITok.speed_up`` when the trainer calls it:
 
-  --upsample transposed|direct   decoder ×2 upsampling form
   --compile-form whole|regional  torch.compile of the tokenizer only (the loss networks stay eager, unlike
-                                 ``--compile``, which compiles them whole too)
+                                 ``train.py --compile --compile-form F``, which compiles them whole too)
 
 One process for all variants pays the imports once; each variant builds its own trainer from the same seed
 (same weights, same synthetic batch), so their losses can be compared. Results: ``<out>/<variant>/benchmark.json``
@@ -35,7 +34,6 @@ import torch
 
 def _variant_options(tokens: List[str]):
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--upsample", choices=("transposed", "direct"), default=None)
     p.add_argument("--compile-form", choices=("whole", "regional"), default=None)
     return p.parse_known_args(tokens)
 
@@ -49,14 +47,11 @@ def run_variant(name: str, common: List[str], extra: List[str], out: Path) -> di
     original = MedITok.speed_up
 
     def speed_up(self, channels_last=False, compile=False, backend="inductor", mode=None, **kwargs):
-        if options.upsample:
-            kwargs["upsample"] = options.upsample
         if options.compile_form:
             compile = options.compile_form
         return original(self, channels_last=channels_last, compile=compile, backend=backend, mode=mode, **kwargs)
 
-    record = {"variant": name, "args": common + extra, "upsample": options.upsample,
-              "compile_form": options.compile_form}
+    record = {"variant": name, "args": common + extra, "compile_form": options.compile_form}
     (out / name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     MedITok.speed_up = speed_up

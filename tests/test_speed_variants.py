@@ -187,3 +187,29 @@ def test_triton_layernorm2d_kernel_in_the_cpu_interpreter():
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "routed 0" in done.stdout  # already routed once by speed_up: not wrapped twice
+
+
+def test_train_flags_choose_the_upsampling_and_compile_forms():
+    """train.py --upsample / --compile-form reach MedITok.speed_up through the trainer; bad values are refused."""
+    from meditok.vitamin import Upsample2d
+    from utilities.args import Args, parse_args
+    from utilities.trainer import Trainer
+
+    common = dict(preset="tiny", img_size=32, device="cpu", precision="fp32", lpips_weight=0, adv_weight=0,
+                  contrast_weight=0)
+    forms = []
+    for options in ({}, {"upsample": "direct"}, {"upsample": "transposed"}):
+        tokenizer = Trainer(Args(**common, **options), torch.device("cpu")).tokenizer
+        forms.append({m.direct for m in tokenizer.decoder.modules() if isinstance(m, Upsample2d)})
+    assert forms == [{False}, {True}, {False}]  # as built = transposed
+
+    trainer = Trainer(Args(**common, compile=True, compile_form="regional", compile_backend="eager"),
+                      torch.device("cpu"))
+    regions = compile_regions(trainer.tokenizer)
+    assert regions and all("forward" in vars(m) for m in regions.values())
+    assert "forward" not in vars(trainer.tokenizer.encoder)  # regional, not whole
+    assert "forward" in vars(Trainer(Args(**common, compile=True, compile_backend="eager"),
+                                     torch.device("cpu")).tokenizer.encoder)  # the default form: whole
+    for flag, value in (("--upsample", "bilinear"), ("--compile-form", "partial")):
+        with pytest.raises(SystemExit):
+            parse_args([flag, value])

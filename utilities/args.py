@@ -86,6 +86,8 @@ class Args:
     grad_ckpt_parts: str = "all"  # what --grad-ckpt recomputes: all | vit (ViT blocks) | decoder_conv (upsampling stages)
     channels_last: bool = False  # NHWC convolutions in the tokenizer and LPIPS (speed only; see docs/performance.md)
     compile: bool = False  # torch.compile the tokenizer's encoder/decoder and the loss networks (eager fallback)
+    compile_form: str = "whole"  # with --compile, the tokenizer's form: whole (one graph per part) | regional (per repeated block: faster to compile)
+    upsample: str = ""  # decoder ×2 upsampling form: '' = as built (transposed) | transposed | direct (same parameters and result; docs/performance.md)
     compile_backend: str = "inductor"  # torch.compile backend ('aot_eager' traces without generating kernels)
     peak_tflops: float = 0.0  # accelerator's peak for the MFU in the logs (0 = known GPUs' bf16 dense peak)
     ema_decay: float = 0.0  # 0 = no EMA weights
@@ -115,6 +117,10 @@ class Args:
             problems.append(f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.compile_form not in MedITok.COMPILE_FORMS:
+            problems.append(f"--compile-form must be {' or '.join(MedITok.COMPILE_FORMS)}, got {self.compile_form!r}")
+        if self.upsample not in ("",) + MedITok.UPSAMPLE_FORMS:
+            problems.append(f"--upsample must be {' or '.join(MedITok.UPSAMPLE_FORMS)}, got {self.upsample!r}")
         if self.grad_ckpt_parts not in MedITok.CHECKPOINT_PARTS:
             problems.append(f"--grad-ckpt-parts must be {', '.join(MedITok.CHECKPOINT_PARTS[:-1])} or "
                             f"{MedITok.CHECKPOINT_PARTS[-1]}, got {self.grad_ckpt_parts!r}")

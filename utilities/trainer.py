@@ -217,9 +217,11 @@ class Trainer:
         return next((a for a in self.alignments if a.name == name), None)
 
     def _speed_up(self) -> None:
-        """--channels-last / --compile (after the EMA copy was made: that one stays a plain module)."""
+        """--channels-last / --compile (--compile-form) / --upsample (after the EMA copy was made: that one stays
+        a plain module)."""
         args = self.args
-        self.tokenizer.speed_up(channels_last=args.channels_last, compile=args.compile, backend=args.compile_backend)
+        self.tokenizer.speed_up(channels_last=args.channels_last, compile=args.compile and args.compile_form,
+                                backend=args.compile_backend, upsample=args.upsample or None)
         if args.channels_last and self.lpips is not None:
             self.lpips.to(memory_format=torch.channels_last)
         if args.compile:
