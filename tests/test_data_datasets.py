@@ -319,3 +319,22 @@ def test_converter_policy_for_bad_rows(broken_csv, tmp_path):
     summary = write_shards(broken_csv, tmp_path / "lenient", on_error="skip")
     assert (summary["num_samples"], summary["skipped"]) == (2, 2)
     assert len(csv_rows(tmp_path / "lenient" / BAD_SAMPLES_FILE)) == 2
+
+
+def test_stream_epoch_is_not_held_back_by_a_worker_without_shards():
+    """With more DataLoader workers than a rank has shards, a worker reads nothing: the epoch is the one every
+    reading worker has reached (it stayed 0 for ever before)."""
+    from meditok.data.shards import StreamPosition
+
+    def batch(worker, epoch, position):
+        return {"stream_position": torch.tensor([[worker, epoch, position]])}
+
+    position = StreamPosition(num_workers=3)  # worker 2 has no shard
+    assert position.epoch == 0
+    for worker, epoch, read in ((0, 0, 4), (1, 0, 4), (0, 1, 2), (1, 0, 8)):
+        position.update(batch(worker, epoch, read))
+    assert position.epoch == 0  # worker 1 is still in its first pass
+    position.update(batch(1, 1, 1))
+    assert position.epoch == 1
+    again = StreamPosition.from_state(position.state_dict())  # through a checkpoint
+    assert again.epoch == 1 and again.workers == position.workers

@@ -379,8 +379,11 @@ class StreamPosition:
 
     @property
     def epoch(self) -> int:
-        """Passes over the shards every worker has completed (the epoch all of them have reached)."""
-        return min(epoch for epoch, _ in self.workers.values())
+        """Passes over the shards every worker has completed (the epoch all of them have reached). Workers that
+        have read nothing in their epoch (position 0: not started, or given no shard because the rank has fewer
+        shards than workers) do not hold the count back, unless no worker has read anything yet."""
+        reading = [epoch for epoch, position in self.workers.values() if position > 0]
+        return min(reading) if reading else min(epoch for epoch, _ in self.workers.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "next_worker": self.next_worker,
