@@ -1,4 +1,5 @@
-"""Train the MedITok tokenizer, stage 1 (visual alignment) or stage 2 (textual alignment). docs/method.md §2.
+"""Train the MedITok tokenizer, stage 1 (visual alignment) or stage 2 (textual alignment), docs/method.md §2;
+``--stage 3`` trains both alignments in one stage (the paper's one-stage ablation, docs/miniature.md).
 
     python train.py --config stage1_tiny_cpu                     # CPU try-out on datasets/examples
     torchrun --nproc_per_node 8 train.py --config stage1_large_h100 --train-csv my.csv --train-root /data

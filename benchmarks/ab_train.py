@@ -6,11 +6,12 @@
         --variant upsample_direct "--batch-sizes 32 --upsample direct"
 
 Each variant's arguments are the benchmark's (every ``train.py`` flag in kebab-case, ``--config``, ...: e.g.
-``--upsample direct``) after the ``--common`` ones, plus one option ``train.py`` has no flag for, applied through
-``MedITok.speed_up`` when the trainer calls it:
+``--upsample direct``) after the ``--common`` ones, plus one option applied through ``MedITok.speed_up`` when
+the trainer calls it:
 
-  --compile-form whole|regional  torch.compile of the tokenizer only (the loss networks stay eager, unlike
-                                 ``train.py --compile --compile-form F``, which compiles them whole too)
+  --compile-form whole|regional  torch.compile of the tokenizer ONLY, the loss networks staying eager (in a
+                                 variant's arguments; ``train.py --compile --compile-form F`` compiles the
+                                 loss networks too)
 
 One process for all variants pays the imports once; each variant builds its own trainer from the same seed
 (same weights, same synthetic batch), so their losses can be compared. Results: ``<out>/<variant>/benchmark.json``

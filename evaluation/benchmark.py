@@ -50,7 +50,8 @@ def synthetic_batch(trainer: Trainer, batch_size: int, device: torch.device, see
     if text is not None:
         # ids past the special tokens; padding-free captions are the worst case for the text tower
         vocab = int(getattr(text.teacher.text, "vocab_size", 1000))
-        batch["text"] = torch.randint(5, max(vocab, 6), (batch_size, text.teacher.context_length), generator=g).to(device)
+        # kept on the host, as the data loader gives them: the trainer trims their padding there, then copies
+        batch["text"] = torch.randint(5, max(vocab, 6), (batch_size, text.teacher.context_length), generator=g)
     return batch
 
 
@@ -155,6 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
            "channels_last": args.channels_last, "compile": args.compile,
            "compile_backend": args.compile_backend if args.compile else None,
+           "compile_form": args.compile_form if args.compile else None, "upsample": args.upsample or "transposed",
            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
     results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}

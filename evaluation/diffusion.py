@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random Inception weights: a smoke test of the pipeline, the FID values mean nothing")
     p.add_argument("--no-image-metrics", action="store_true", help="skip gFID/diversity")
     p.add_argument("--align-checkpoint", default=None,
-                   help="stage-2 MedITok training checkpoint (with the f_text head) for image–report agreement")
+                   help="stage-2 MedITok training checkpoint (with the f_text head), or its run folder, for image–report "
+                        "agreement")
     p.add_argument("--biomedclip", default=None, help="BiomedCLIP folder for agreement ('tiny' for the test stand-in)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

@@ -42,13 +42,17 @@ def is_main() -> bool:
 def init_distributed(device: Union[str, torch.device]) -> torch.device:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns this process's device.
 
-    ``device``: 'cuda' (each process then takes GPU ``LOCAL_RANK``), 'cpu', or a torch.device of those kinds."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        torch.cuda.set_device(local_rank())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
-        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT)
-    return torch.device("cuda", local_rank()) if kind == "cuda" else torch.device(kind)
+    ``device``: 'cpu', 'cuda' or a torch.device of those kinds. Under torchrun each process takes GPU
+    ``LOCAL_RANK``; a single process takes the GPU named ('cuda:1'), else GPU ``LOCAL_RANK`` (0)."""
+    requested = torch.device(device)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if requested.type == "cuda":
+        index = local_rank() if several or requested.index is None else requested.index
+        torch.cuda.set_device(index)
+        requested = torch.device("cuda", index)
+    if several and not is_initialized():
+        dist.init_process_group(backend="nccl" if requested.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return requested
 
 
 def barrier() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -196,6 +197,29 @@ def evaluate(args, tokenizer: Path, out_dir: Path, env: dict, probe_data: dict) 
     return {**metrics, **timings}
 
 
+def prepare_run_folder(run_dir: Path, command: list[str], fresh: bool, start_redone: bool) -> dict | None:
+    """What to do with a run's folder before training it, so that a rerun of the miniature continues:
+
+    - its ``record.json`` (written once trained and evaluated) is returned for reuse when it was made by the
+      same train command and, for a run that starts from the common stage 1, that stage was not redone;
+    - a folder left by an interrupted run of the same command gets ``--resume auto`` appended to ``command``;
+    - anything else there (``--fresh``, another command, a redone start) is deleted."""
+    saved = run_dir / "command.json"
+    same = saved.is_file() and json.loads(saved.read_text()) == command
+    if same and not fresh and not start_redone:
+        done = run_dir / "record.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        if run_dir.is_dir() and any(run_dir.glob("ckpt-*.pth")):
+            command += ["--resume", "auto"]
+            return None
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    saved.write_text(json.dumps(command))
+    return None
+
+
 def final_losses(run_dir: Path) -> dict:
     lines = (run_dir / "metrics.jsonl").read_text().strip().splitlines()
     last = json.loads(lines[-1])
@@ -307,8 +331,8 @@ def parse_args(argv):
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process "
                         "(default: %(default)s)")
-    parser.add_argument("--fresh", action="store_true", help="redo runs already finished in --out (default: a "
-                        "rerun reuses each run's record.json, so an interrupted miniature continues)")
+    parser.add_argument("--fresh", action="store_true", help="redo every run in --out (default: a rerun reuses "
+                        "the runs finished with the same command and resumes an interrupted one)")
     parser.add_argument("--replot", action="store_true", help="only redraw <out>/miniature.png from "
                         "<out>/miniature.json")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed, 2 probe epochs: "
@@ -362,6 +386,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
         base = seed_dir / "base" / "tokenizer"
+        base_redone = False
         plan = [
             ("base", 1, args.stage1_steps, None),
             ("i_stage1_only", 1, args.continue_steps, base),
@@ -373,18 +398,20 @@ def main(argv=None) -> int:
                                                      & set(args.settings)):
                 continue
             run_dir = seed_dir / setting
-            done = run_dir / "record.json"  # a finished run (trained and evaluated) is not redone on a rerun
-            if done.is_file() and not args.fresh:
-                results.append(json.loads(done.read_text()))
-                print(f"  {setting} seed {seed}: reused {done} (--fresh redoes it)", flush=True)
-                continue
             command = train_command(args, stage, steps, run_dir, (vision_teacher, text_teacher), seed,
                                     init_from, n_train)
+            reused = prepare_run_folder(run_dir, command, args.fresh, init_from is not None and base_redone)
+            if setting == "base":
+                base_redone = reused is None
+            if reused is not None:
+                results.append(reused)
+                print(f"  {setting} seed {seed}: reused {run_dir / 'record.json'} (--fresh redoes it)", flush=True)
+                continue
             train_s = run(command, seed_dir / "logs" / f"train_{setting}.log", env)
             record = {"setting": setting, "seed": seed, "stage": stage, "steps": steps, "train_s": train_s,
                       **final_losses(run_dir)}
             record.update(evaluate(args, run_dir / "tokenizer", run_dir / "eval", env, probe_data))
-            done.write_text(json.dumps(record, indent=2) + "\n")
+            (run_dir / "record.json").write_text(json.dumps(record, indent=2) + "\n")
             results.append(record)
             print(f"  {setting} seed {seed}: PSNR {record['psnr']:.2f} SSIM {record['ssim']:.2f} "
                   f"modality AUC (pooled) {record.get('modality_auc_pooled')}", flush=True)

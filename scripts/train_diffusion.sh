@@ -39,7 +39,7 @@ fi
 if [ ! -f "$CACHE/manifest.json" ]; then
   "$PYTHON" -m generation.tokenize_dataset "${TOKENIZER_ARGS[@]}" --csv "$CSV" --root "$ROOT" --out "$CACHE" --num-workers 0
 fi
-if [ ! -d "$TEXT_TOKENIZER" ]; then
+if [ ! -d "$TEXT_TOKENIZER" ]; then  # made once per RUN: use another RUN for other captions
   "$PYTHON" -m generation.diffusion.make_tokenizer --csv "$CSV" --out "$TEXT_TOKENIZER"
 fi
 

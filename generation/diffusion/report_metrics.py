@@ -92,11 +92,14 @@ class TextAlignmentHead(nn.Module):
 
 def load_text_head(checkpoint: Union[str, Path]) -> TextAlignmentHead:
     """The stage-2 f_text from a training checkpoint (``{'heads': {'norm.*', 'proj.*'}, ...}``; of a stage-3
-    checkpoint, ``heads['text']``)."""
+    checkpoint, ``heads['text']``). ``checkpoint``: a ``ckpt-*.pth`` file, or a run folder (its newest one)."""
     path = Path(checkpoint)
+    if path.is_dir():
+        found = sorted(path.glob("ckpt-*.pth"))  # train.py's names: ckpt-{step:08d}.pth, so sorted = by step
+        path = found[-1] if found else path / "ckpt-*.pth"
     if not path.is_file():
         raise FileNotFoundError(f"alignment checkpoint {path} does not exist; pass a stage-2 training checkpoint "
-                                f"(e.g. runs/stage2_tiny/checkpoints/last.pth)")
+                                f"or its run folder (e.g. runs/stage2_tiny, which holds ckpt-00000060.pth)")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     heads = payload.get("heads") if isinstance(payload, dict) else None
     if isinstance(heads, dict) and isinstance(heads.get("text"), dict):
