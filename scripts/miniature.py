@@ -153,6 +153,8 @@ def train_command(args, stage: int, steps: int, out_dir: Path, teachers: tuple[P
     ]
     # The runs must differ only in their alignment target: one discriminator rule for all of them (off, or
     # on from the first step), not the CPU configs' (stage 1 starts it after 5 epochs, stage 2 at once).
+    if args.contrast_same_targets != "negative":
+        command += ["--contrast_same_targets", args.contrast_same_targets]
     if args.use_disc:
         command += ["--disc_start_epochs", "0", "--disc_warmup_epochs", f"{warmup_epochs:.6f}"]
     else:
@@ -326,6 +328,10 @@ def parse_args(argv):
     parser.add_argument("--fid", action="store_true", help="also compute rFID (random Inception unless "
                         "--inception-weights; a random network's FID is NOT the paper's rFID)")
     parser.add_argument("--inception-weights", type=Path, default=None, help="pt_inception-2015-12-05 file")
+    parser.add_argument("--contrast-same-targets", choices=("negative", "masked"), default="negative",
+                        help="train.py's option for batch pairs with one caption: negative (the paper's InfoNCE) or "
+                        "masked (left out of the softmax; the corpus has 40 captions for 1,160 tiles) "
+                        "(default: %(default)s)")
     parser.add_argument("--use-disc", action="store_true", help="train every run with the DINO "
                         "discriminator from its first step (default: off for every run)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")

@@ -86,3 +86,24 @@ def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_
     with pytest.raises(SystemExit, match="resume it with the --stage"):  # a stage-2 run over stage-3 heads
         train.main(train_argv(resumed, resume=str(resumed / "ckpt-00000002.pth"), output_dir=str(tmp_path / "s2"),
                               **{**common, "stage": 2}))
+
+
+def test_same_caption_pairs_can_be_left_out_of_the_contrastive_loss(tiny_networks):
+    """--contrast-same-targets masked reaches the trainer's loss: two images of one caption are not negatives."""
+    from utilities.losses import clip_contrastive_loss
+    values = {}
+    for mode in ("negative", "masked"):
+        args = Args(stage=2, preset="tiny", img_size=32, device="cpu", precision="fp32", lpips_weight=0,
+                    adv_weight=0, biomedclip=tiny_networks["biomedclip"], contrast_same_targets=mode)
+        torch.manual_seed(0)
+        tr = Trainer(args, torch.device("cpu"))
+        images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        text = torch.stack([tr.text_tokenizer(c) for c in ("ct of the head", "h&e stain", "ct of the head")])
+        logs = tr.backward({"image": images, "text": text}, 1.0, disc_active=False, disc_warm=0.0)
+        with torch.no_grad():
+            out = tr.model(images, {"text": tr.alignment("text").teacher(text).float()})
+            reference = clip_contrastive_loss(out["image_features"], out["target_features/text"], out["logit_scale"],
+                                              mask_same_targets=mode == "masked")
+        torch.testing.assert_close(logs["loss/contrast"], reference, rtol=1e-5, atol=1e-7)
+        values[mode] = float(logs["loss/contrast"])
+    assert values["masked"] < values["negative"]

@@ -36,6 +36,31 @@ def test_contrastive_loss_equals_explicit_cross_entropy():
     assert float(clip_contrastive_loss(img, img, scale)) < float(got)
 
 
+def test_masking_same_targets_leaves_those_pairs_out_of_both_softmaxes():
+    """Images 0, 2 and 5 share a caption (one target): with masking, each row's softmax runs over its own
+    pair and the pairs with other targets only, written out here per row with math.exp."""
+    import math
+    img, distinct = unit(6, 8, 0), unit(6, 8, 1)
+    txt = distinct.clone()
+    txt[2] = txt[5] = txt[0]
+    s = 5.0
+    logits = (s * img @ txt.t()).tolist()
+    same = {0: {2, 5}, 2: {0, 5}, 5: {0, 2}}
+
+    def row_loss(row, i):  # -log softmax at i over the columns that are not i's same-target partners
+        kept = [j for j in range(6) if j not in same.get(i, set())]
+        return -row[i] + math.log(sum(math.exp(row[j]) for j in kept))
+    columns = [list(c) for c in zip(*logits)]
+    expected = 0.5 * (sum(row_loss(logits[i], i) for i in range(6)) / 6
+                      + sum(row_loss(columns[i], i) for i in range(6)) / 6)
+    got = clip_contrastive_loss(img, txt, torch.tensor(s), mask_same_targets=True)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert float(clip_contrastive_loss(img, txt, torch.tensor(s))) > float(got)  # the paper's: pushed apart
+    # with distinct targets, masking changes nothing
+    torch.testing.assert_close(clip_contrastive_loss(img, distinct, torch.tensor(s), mask_same_targets=True),
+                               clip_contrastive_loss(img, distinct, torch.tensor(s)), rtol=0, atol=0)
+
+
 def test_hinge_losses_match_their_definitions():
     real = torch.tensor([2.0, 0.5, -1.0, 0.0])
     fake = torch.tensor([-2.0, -0.5, 1.0, 3.0])

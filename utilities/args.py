@@ -64,6 +64,7 @@ class Args:
     adv_clamp: Tuple[float, float] = (0.015, 1e4)  # clamp of the ratio ‖∇L_nll‖/‖∇L_adv‖
     contrast_weight: float = -1.0  # -1 = the paper's weight for the stage: 0.1 (stage 1), 1.0 (stage 2); stage 3: the visual term's (0.1); 0 = no teacher
     text_contrast_weight: float = 1.0  # stage 3 only: weight of the textual term (stages 1 and 2 use --contrast-weight)
+    contrast_same_targets: str = "negative"  # pairs of one batch with the same target (one caption for two images): negative (the paper's InfoNCE) | masked (left out)
     bcr_weight: float = 4.0  # balanced consistency regularisation of the discriminator
     bcr_cutout: float = 0.2  # cutout of the strong augmentation for BCR
     diffaug_cutout: float = 0.2  # cutout of DiffAugment on the discriminator's inputs
@@ -117,6 +118,8 @@ class Args:
             problems.append(f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.contrast_same_targets not in ("negative", "masked"):
+            problems.append(f"--contrast-same-targets must be negative or masked, got {self.contrast_same_targets!r}")
         if self.compile_form not in MedITok.COMPILE_FORMS:
             problems.append(f"--compile-form must be {' or '.join(MedITok.COMPILE_FORMS)}, got {self.compile_form!r}")
         if self.upsample not in ("",) + MedITok.UPSAMPLE_FORMS:

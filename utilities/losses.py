@@ -19,18 +19,31 @@ import torch.nn.functional as F
 from . import dist
 
 
+#: two targets whose cosine similarity reaches this are the same target (e.g. one caption for two images)
+SAME_TARGET_COSINE = 1.0 - 1e-5
+
+
 def clip_contrastive_loss(image_features: torch.Tensor, target_features: torch.Tensor,
-                          logit_scale: torch.Tensor) -> torch.Tensor:
+                          logit_scale: torch.Tensor, mask_same_targets: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch.
 
     image_features, target_features: [b, D] per rank, ℓ2-normalised; logit_scale: exp'd scalar.
     Both sides are gathered from all ranks (with gradient); every rank computes the same loss over
     the global batch of N = world·b pairs: ½·(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)).
+
+    ``mask_same_targets``: pairs (i, j ≠ i) whose targets are the same (cosine ≥ ``SAME_TARGET_COSINE``: two
+    images with one caption) are left out of both softmaxes instead of being pushed apart as negatives. The
+    paper's loss is the default; with distinct targets both give the same value.
     """
     img = dist.all_gather_with_grad(image_features)
     tgt = dist.all_gather_with_grad(target_features)
     logits = logit_scale * img @ tgt.t()  # [N, N]
     labels = torch.arange(logits.shape[0], device=logits.device)
+    if mask_same_targets:
+        with torch.no_grad():
+            same = (tgt @ tgt.t()) >= SAME_TARGET_COSINE
+            same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))  # symmetric: the same pairs leave the transposed softmax
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 

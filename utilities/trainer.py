@@ -253,11 +253,12 @@ class Trainer:
                  LossTerm("vq", LossKind.LATENT, args.vq_weight, lambda out: out["vq_loss"])]
         if self.lpips is not None:
             terms.append(LossTerm("lpips", LossKind.IMAGE, args.lpips_weight, self._lpips))
+        masked = args.contrast_same_targets == "masked"
         for a in self.alignments:  # one alignment: "contrast" (the paper's stages); two: contrast_vision/_text
             name = "contrast" if len(self.alignments) == 1 else f"contrast_{a.name}"
             terms.append(LossTerm(name, LossKind.LATENT, a.weight, lambda out, key=f"target_features/{a.name}":
                                   clip_contrastive_loss(out["image_features"].float(), out[key].float(),
-                                                        out["logit_scale"])))
+                                                        out["logit_scale"], masked)))
         if self.disc is not None:
             terms.append(LossTerm("g_adv", LossKind.ADVERSARIAL, args.adv_weight, self._generator_adversarial))
         return [t for t in terms if t.weight > 0]
