@@ -273,24 +273,25 @@ def plot_results(results: list[dict], out_path: Path, title: str) -> Path | None
     short = {"base": "base\n(N1)", "i_stage1_only": "(i) 1 only", "ii_stage1_stage2": "(ii) 1 → 2",
              "iii_combined": "(iii) combined"}
     for ax, (key, label) in zip(axes.flat, PLOTTED):
+        shown = []  # every value drawn, error-bar ends included, for the axis limits
         for x, setting in enumerate(settings):
             values = [r[key] for r in results if r["setting"] == setting and r.get(key) is not None]
             if not values:
                 continue
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            ax.errorbar(x, statistics.fmean(values), yerr=spread, fmt="_", ms=28, mew=2, capsize=6, color=f"C{x}")
+            mean, spread = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+            ax.errorbar(x, mean, yerr=spread, fmt="_", ms=28, mew=2, capsize=6, color=f"C{x}")
             ax.plot([x + 0.08] * len(values), values, "o", mfc="none", color=f"C{x}", ms=5)
+            shown += values + [mean - spread, mean + spread]
         ax.set_xticks(range(len(settings)), [short[s] for s in settings])
         ax.set_xlim(-0.5, len(settings) - 0.5)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
         if "auc" in key:
             ax.axhline(50, color="grey", lw=0.8, ls="--")  # chance
-        shown = [r[key] for r in results if r.get(key) is not None]
         if shown:
             low, high = min(shown), max(shown)
-            pad = max(0.5, 0.15 * (high - low))
-            ax.set_ylim(min(low - pad, 50 if "auc" in key else low - pad), high + pad)
+            pad = max(0.5, 0.08 * (high - low))
+            ax.set_ylim(min(low, 50) - pad if "auc" in key else low - pad, high + pad)
     fig.suptitle(title)
     fig.savefig(out_path, dpi=100)
     return out_path
