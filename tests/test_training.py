@@ -240,7 +240,7 @@ def test_args_precedence_and_errors(tmp_path, capsys):
         assert key in err and str(cfg) in err, err
     cfg.write_text('{"batch_size": 8.0, "lr": 1}')  # integral numbers are fine either way
     assert parse_args(["--config", str(cfg)]).batch_size == 8
-    assert "--stage must be 1 or 2" in usage_error(["--stage", "3"])
+    assert "--stage must be 1, 2 or 3" in usage_error(["--stage", "4"])
     assert "--preset must be one of" in usage_error(["--preset", "huge"])
     for steps in ("-5", "0 --epochs 0"):  # a run that would train nothing and still write a "trained" tokenizer
         assert "nothing to train" in usage_error(["--max-steps", *steps.split()])
