@@ -145,9 +145,9 @@ class Trainer:
 
         self.text_tokenizer = None  # caption → ids, for the data; set when a text teacher is used
         self.alignments = self._load_alignments()
-        self.heads = {a.name: AlignmentHead(a.teacher.output_dim, tokenizer.config.embed_dim).to(device)
-                      for a in self.alignments}
-        self.model = TrainingModel(tokenizer, self.heads)
+        self.model = TrainingModel(tokenizer, {a.name: AlignmentHead(a.teacher.output_dim, tokenizer.config.embed_dim)
+                                               .to(device) for a in self.alignments})
+        self.heads = self.model.heads  # one ModuleDict, not a second record of the heads
         self.lpips = None
         if args.lpips_weight > 0:
             from .perceptual import build_lpips
