@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import meditok
+from meditok.data import MedicalImageError
 from utilities import dist
 from utilities.args import parse_args
 from utilities.checkpointing import Checkpointer
 from utilities.monitor import ReconstructionGrids, StepLogger
 from utilities.preflight import check_networks
-from utilities.runtime import StopRequests, setup_runtime
+from training.stopping import StopRequests
+from utilities.runtime import setup_runtime
 from utilities.schedule import Schedule
 from utilities.trainer import Trainer
 from utilities.training_data import TrainingData
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.output_dir)
     check_networks(args)  # every missing teacher / loss network named at once, before anything is built
     checkpointer = Checkpointer(run_dir, args.keep_checkpoints, args)  # locks the run folder first
-    stops, stopped, logger = None, "", None
+    stops, stopped, logger, data = None, "", None, None
     try:
         trainer = Trainer(args, device)
         data = TrainingData(args, trainer.img_size, trainer.text_tokenizer, run_dir, dist.rank(), dist.world_size(),
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
                      f"{schedule.total_steps} steps ({data.steps_per_epoch}/epoch), global batch "
                      f"{args.batch_size * dist.world_size() * args.grad_accum}; losses: {trainer.losses_summary()}; "
                      f"output {run_dir}")
-        stops = StopRequests(args)
+        stops = StopRequests(args.log_every, args.stop_at_step, "train")
         while step < schedule.total_steps and not stopped:
             batches = data.next_batches(args.grad_accum)
             logs = trainer.step(batches, step)
@@ -73,12 +75,15 @@ def main(argv=None) -> int:
                     meditok.save_meditok(trainer.ema.module, run_dir / "tokenizer_ema")
             logger.finish(step)
             logger.print(f"[train] tokenizer → {run_dir / 'tokenizer'}; {data.bad_samples} bad sample(s) skipped")
+    except (FloatingPointError, MedicalImageError) as error:  # the non-finite stop, --on-bad-sample raise: one message
+        print(f"[train] error: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
-        for part in (stops, logger, checkpointer):
+        for part in (data, stops, logger, checkpointer):  # data first: its workers must end before the interpreter
             if part is not None:
                 part.close()
         dist.cleanup()
-    return 0 if not stopped or stopped == "--stop-at-step" else stops.exit_code or 130
+    return stops.final_exit_code(stopped)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class Args:
     image_column: str = "identifier"  # CSV column of image paths
     caption_column: str = "caption"  # CSV column of captions (stage 2)
     modality_column: str = "modality"  # CSV column of modalities (CT windowing, grids)
+    allow_outside_root: bool = False  # accept CSV rows (absolute or ../) that resolve outside --train-root / --vis-root
     on_bad_sample: str = "raise"  # raise: stop naming the file; skip: count, warn, list in bad_samples.csv
     num_workers: int = 2  # DataLoader worker processes per training process (0 = load in the training process)
     # --- schedule --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from meditok.seeding import seeded_rngs
+from training.workers import shutdown_workers
 
 
 class PerSampleSeeded(Dataset):
@@ -154,7 +155,7 @@ class TrainingData:
             return ShardedImageDataset(args.train_shards, shuffle=True, seed=args.seed, repeat=True, **common)
         dataset = CSVImageDataset(args.train_csv, root=args.train_root or None, image_column=args.image_column,
                                   caption_column=args.caption_column, modality_column=args.modality_column,
-                                  sep=args.csv_sep, **common)
+                                  sep=args.csv_sep, allow_outside_root=args.allow_outside_root, **common)
         return PerSampleSeeded(dataset, args.seed)
 
     # --- position ---------------------------------------------------------------------------------
@@ -181,6 +182,12 @@ class TrainingData:
             self.position = position
         else:
             self._epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._iterator = None
+
+    def close(self) -> None:
+        """End the loader's worker processes (they ignore SIGTERM: left to the interpreter's exit handler, they
+        would be waited for forever); the next batch starts new ones."""
+        shutdown_workers(self._iterator, self.loader)
         self._iterator = None
 
     # --- batches ----------------------------------------------------------------------------------
@@ -232,7 +239,7 @@ class TrainingData:
         root = (self.args.vis_root if self.args.vis_csv else self.args.train_root) or None
         ds = CSVImageDataset(csv, root=root, transform=eval_transform(self.img_size), image_column=self.args.image_column,
                              caption_column=self.args.caption_column, modality_column=self.args.modality_column,
-                             sep=self.args.csv_sep, on_error="skip")
+                             sep=self.args.csv_sep, on_error="skip", allow_outside_root=self.args.allow_outside_root)
         first_of_each = list({m: i for i, m in reversed(list(enumerate(ds.modalities)))}.values())[::-1]
         rows = (first_of_each + [i for i in range(len(ds)) if i not in first_of_each])[:n]
         samples = [ds[i] for i in rows]

@@ -28,11 +28,14 @@ class MedicalImageError(ValueError):
     def __init__(
         self,
         path: str | Path,
-        reason: str,
+        reason: str | None = None,
         fix: str | None = None,
         csv_path: str | Path | None = None,
         csv_line: int | None = None,
     ):
+        if reason is None:  # one message: how a DataLoader re-raises a worker's error in the main process
+            self._from_worker_message(str(path))
+            return
         self.path = str(path)
         self.reason = reason
         self.fix = fix
@@ -43,6 +46,15 @@ class MedicalImageError(ValueError):
             message += f" (from {self.csv_path} line {csv_line})"
         if fix:
             message += f". Fix: {fix}"
+        super().__init__(message)
+
+    def _from_worker_message(self, text: str) -> None:
+        """The DataLoader rebuilds a worker's exception as ``type(message)``, the message holding the worker's
+        whole traceback; keep the type (so ``except MedicalImageError`` works across the process boundary)
+        and the one line that says what is wrong."""
+        lines = [line for line in text.splitlines() if "MedicalImageError: " in line]
+        message = lines[-1].split("MedicalImageError: ", 1)[1] if lines else text
+        self.path, self.reason, self.fix, self.csv_path, self.csv_line = message.split(": ", 1)[0], message, None, None, None
         super().__init__(message)
 
     def at_csv_line(self, csv_path: str | Path, csv_line: int) -> "MedicalImageError":
