@@ -127,23 +127,62 @@ def diff_state_dict(model: MedITok, state_dict: Mapping[str, torch.Tensor]) -> S
 # --------------------------------------------------------------------------------------------------
 # Reading
 
-def _torch_load(path: Path) -> Any:
+CONVERT_COMMAND = "python -m training.convert_checkpoint"
+
+
+def _refused_global(error: BaseException) -> str:
+    """What torch's weights-only unpickler refused to build, in a few words (the rest of its message advises
+    allow-listing or ``weights_only=False``, advice this project must never pass on)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        return f"it would build {found.group(1)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if line.startswith(("WeightsUnpickler error:", "Unsupported"))]
+    return (useful or lines or [type(error).__name__])[0].replace("WeightsUnpickler error: ", "")[:200]
+
+
+def safe_load(path: Union[str, os.PathLike], *, formats: Tuple[str, ...] = (), what: str = "checkpoint",
+              mmap: bool = False) -> Any:
+    """The one way this project reads a PyTorch file it did not write in this process: ``torch.load`` with
+    ``weights_only=True`` (tensors, numbers, strings and plain containers; never a pickled object, so never
+    code), onto the CPU. With ``formats``, the file must be a dict whose ``"format"`` is one of them.
+
+    Every failure is a :class:`CheckpointError` whose message is one line naming the file and the fix: a
+    missing or empty file, a damaged one, a file that pickles Python objects (refused, not run; an old
+    checkpoint of this project is converted once with ``python -m training.convert_checkpoint``) and a
+    file of another kind. ``mmap=True`` maps the file instead of reading it (large checkpoints)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such {what} file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the {what} file is empty (an interrupted download or save?)")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
+            if not mmap or "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True) because it pickles Python objects beyond "
-            f"tensors and plain containers ({str(e).splitlines()[0]}). We never unpickle arbitrary code. If you "
-            f"trust the file, re-save just its state dict where it was made, e.g. "
-            f"`torch.save(ckpt['model'], 'tokenizer.pth')`, and load that.") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}). "
-                              f"The file may be truncated (interrupted download?): download it again.") from e
+            f"{path}: refused: the file pickles Python objects beyond tensors and plain containers "
+            f"({_refused_global(e)}), and this project never unpickles code. If you made it with an older version "
+            f"of this project, convert it once with `{CONVERT_COMMAND} {path}`; otherwise re-save only its "
+            f"tensors where it was made (e.g. `torch.save(ckpt['model'], 'weights.pth')`).") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch {what} ({first}); the file may be truncated or "
+                              f"damaged: write or download it again") from None
+    if formats:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        if not isinstance(obj, dict) or found not in formats:
+            raise CheckpointError(f"{path}: not a {what} (its format is {found!r}, expected "
+                                  f"{' or '.join(repr(f) for f in formats)})")
+    return obj
+
+
+def _torch_load(path: Path) -> Any:
+    return safe_load(path, what="checkpoint", mmap=True)
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
