@@ -151,7 +151,7 @@ def build_dataset(args: argparse.Namespace, img_size: int) -> Dataset:
     transform = eval_transform(img_size)
     if args.csv:
         dataset = CSVImageDataset(args.csv, root=args.root, transform=transform, ct_window=args.ct_window,
-                                  modality_column=args.modality_column)
+                                  modality_column=args.modality_column, allow_outside_root=args.allow_outside_root)
     else:
         dataset = FolderImageDataset(Path(args.folder), transform, modality=args.modality, ct_window=args.ct_window)
     if args.max_images is not None and args.max_images < len(dataset):
@@ -437,6 +437,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     source.add_argument("--folder", type=Path, metavar="DIR", help="folder of <modality>/<image> files")
     data.add_argument("--root", type=Path, default=None, metavar="DIR",
                       help="folder the CSV's relative identifiers are resolved against (default: as written)")
+    data.add_argument("--allow-outside-root", action="store_true",
+                      help="accept CSV rows (absolute or ../) that resolve outside --root (refused by default)")
     data.add_argument("--modality-column", default="modality", metavar="NAME", help="CSV column holding the modality (default modality)")
     data.add_argument("--modality", default=None, metavar="LABEL", help="with --folder: one modality for every file (flat folders)")
     data.add_argument("--ct-window", default=DEFAULT_CT_WINDOW, choices=sorted(CT_WINDOWS),

@@ -98,11 +98,12 @@ class ImageSource:
 
 
 def csv_source(csv_path: PathLike, root: Optional[PathLike], img_size: int, label_column: str = "modality",
-               image_column: str = "identifier") -> ImageSource:
+               image_column: str = "identifier", allow_outside_root: bool = False) -> ImageSource:
     """A metadata CSV (``identifier, caption, modality`` as in training), read by ``meditok.data``.
 
     Images go through ``meditok.data.eval_transform(img_size)`` (resize short side, centre crop);
-    CT rows are windowed with the default window, exactly as evaluation reads them.
+    CT rows are windowed with the default window, exactly as evaluation reads them. With a root, rows
+    leading outside it are refused unless ``allow_outside_root`` (``meditok.data.resolve_under_root``).
     """
     from meditok.data import CSVImageDataset, eval_transform
     from meditok.data.samples import read_metadata_csv
@@ -110,7 +111,8 @@ def csv_source(csv_path: PathLike, root: Optional[PathLike], img_size: int, labe
     table = read_metadata_csv(csv_path, [image_column, label_column], ["modality", "caption"])
     has_modality = "modality" in table.columns
     dataset = CSVImageDataset(csv_path, root, transform=eval_transform(img_size), image_column=image_column,
-                              modality_column="modality" if has_modality else None)
+                              modality_column="modality" if has_modality else None,
+                              allow_outside_root=allow_outside_root)
     labels = [str(v) for v in table[label_column].tolist()]
     modalities = [str(v) for v in table["modality"].tolist()] if has_modality else labels
     return ImageSource(dataset, labels, modalities,
@@ -139,8 +141,14 @@ class _FolderImages(Dataset):
                 "identifier": str(path.relative_to(self.root))}
 
 
-def folder_source(folder: PathLike, img_size: int) -> ImageSource:
-    """A folder with one sub-folder per label (``folder/<label>/**/<image>``), like torchvision's ImageFolder."""
+def folder_source(folder: PathLike, img_size: int, allow_outside_root: bool = False) -> ImageSource:
+    """A folder with one sub-folder per label (``folder/<label>/**/<image>``), like torchvision's ImageFolder.
+
+    Files found there are listed under the folder, but a symlink among them may lead out of it: such
+    files are refused (``meditok.data.resolve_under_root``) unless ``allow_outside_root``.
+    """
+    from meditok.data import resolve_under_root
+
     root = Path(folder)
     if not root.is_dir():
         raise TokenCacheError(f"{root}: image folder not found; pass --folder DIR with one sub-folder per label")
@@ -148,6 +156,10 @@ def folder_source(folder: PathLike, img_size: int) -> ImageSource:
                    and any(p.name.lower().endswith(s) for s in IMAGE_SUFFIXES))
     if not files:
         raise TokenCacheError(f"{root}: no images in sub-folders (expected {root}/<label>/<image>.png etc.)")
+    dir_cache: Dict[str, str] = {}
+    for path in files:
+        resolve_under_root(root, path.relative_to(root), allow_outside_root=allow_outside_root,
+                           source=f"image folder {root}", dir_cache=dir_cache)
     labels = [p.relative_to(root).parts[0] for p in files]
     return ImageSource(_FolderImages(files, root, img_size), labels, list(labels),
                        {"kind": "folder", "folder": str(root), "rows": len(files)})
@@ -563,6 +575,27 @@ def check_same_tokenizer(*caches: TokenCache) -> None:
             raise TokenCacheError(f"token caches with different token grids: {first.path} {first.grid} "
                                   f"(img_size {first.img_size}) vs {other.path} {other.grid} (img_size {other.img_size}); "
                                   f"tokenize both with the same --img-size")
+
+
+def labels_with_rows(cache: TokenCache) -> List[str]:
+    """Label names that have at least one row in the cache, in label-id order."""
+    counts = cache.manifest.get("counts_per_label") or Counter(cache.label_names[i] for i in cache.labels.tolist())
+    return [name for name in cache.label_names if counts.get(name, 0) > 0]
+
+
+def label_coverage_warning(reference: TokenCache, other: TokenCache) -> Optional[str]:
+    """One line when ``other`` (a validation or test cache) has no rows of labels that ``reference`` (the
+    training cache) has; None when it covers them all. Scores on ``other`` (validation loss, per-label FID)
+    then say nothing about the missing labels."""
+    present = set(labels_with_rows(other))
+    trained = labels_with_rows(reference)
+    missing = [name for name in trained if name not in present]
+    if not missing:
+        return None
+    covered = [name for name in trained if name in present]
+    return (f"{other.path} has rows of {len(covered)} of the {len(trained)} labels of {reference.path}: none of "
+            f"{', '.join(missing)}; scores on it cover {', '.join(covered) or 'no label'} only (add images of "
+            f"the missing labels to that split to check them)")
 
 
 def open_caches(paths: Sequence[PathLike], label_names: Optional[Sequence[str]] = None) -> List[TokenCache]:

@@ -23,8 +23,8 @@ from typing import List, Optional
 import torch
 
 from meditok import distributed
-from .token_cache import (TokenCache, TokenCacheError, csv_source, folder_source, medmnist_source, shards_source,
-                          write_token_cache)
+from .token_cache import (TokenCache, TokenCacheError, csv_source, folder_source, label_coverage_warning,
+                          medmnist_source, shards_source, write_token_cache)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -40,6 +40,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     src = parser.add_argument_group("images (one of)")
     src.add_argument("--csv", help="metadata CSV with identifier, caption, modality columns (as for training)")
     src.add_argument("--root", default=None, help="folder the CSV's identifiers are relative to")
+    src.add_argument("--allow-outside-root", action="store_true",
+                     help="accept CSV rows that lead outside --root (absolute paths, '..', symlinks) and "
+                          "symlinks in --folder that lead outside it; by default such rows are refused")
     src.add_argument("--folder", help="a folder with one sub-folder per label: FOLDER/<label>/<image>")
     src.add_argument("--medmnist", nargs="+", metavar="NPZ", help="MedMNIST .npz files; label = subset name")
     src.add_argument("--split", default="train", choices=["train", "val", "test"], help="MedMNIST split (default train)")
@@ -93,9 +96,10 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device):
 
 def build_source(args: argparse.Namespace, img_size: int):
     if args.csv:
-        return csv_source(args.csv, args.root, img_size, label_column=args.label_column)
+        return csv_source(args.csv, args.root, img_size, label_column=args.label_column,
+                          allow_outside_root=args.allow_outside_root)
     if args.folder:
-        return folder_source(args.folder, img_size)
+        return folder_source(args.folder, img_size, allow_outside_root=args.allow_outside_root)
     if args.medmnist:
         return medmnist_source(args.medmnist, args.split, img_size)
     return shards_source(args.shards, img_size)
@@ -122,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {out}: {len(cache)} rows of ids {tuple(cache.ids.shape[1:])} (grid {cache.grid}), labels "
                   f"{cache.manifest['counts_per_label']}, tokenizer {cache.fingerprint[:16]}; {seconds:.1f} s, "
                   f"{len(source) / max(seconds, 1e-9):.1f} images/s")
+            if args.label_names_from:  # a validation / test split: does it hold every label of training?
+                note = label_coverage_warning(TokenCache(args.label_names_from), cache)
+                if note:
+                    print(f"warning: {note}", file=sys.stderr)
     except (TokenCacheError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

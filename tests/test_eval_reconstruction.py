@@ -188,7 +188,7 @@ def test_nan_ct_images_give_no_psnr(tmp_path):
     rows.to_csv(tmp_path / "with_nan.csv", index=False)
     common = ["--preset", "tiny", "--random-weights", "--csv", str(tmp_path / "with_nan.csv"), "--root",
               "datasets/examples", "--img-size", "64", "--no-fid", "--num-workers", "0", "--worst", "0", "--quiet",
-              "--out", str(tmp_path / "out")]
+              "--out", str(tmp_path / "out"), "--allow-outside-root"]  # the NIfTI lies outside --root
     with pytest.raises(SystemExit, match=r"nan_ct.nii.gz: 120 of 2304 pixel values are not finite"):
         reconstruction.main(common)
     assert not (tmp_path / "out" / "reconstruction.json").exists()

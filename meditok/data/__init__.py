@@ -11,6 +11,7 @@ Quick use::
 
 from .csv_dataset import CSVImageDataset
 from .errors import MedicalImageError
+from .paths import resolve_under_root
 from .quality import (
     CTSliceThresholds,
     ImageQualityThresholds,
@@ -68,6 +69,7 @@ __all__ = [
     "read_ct_hu",
     "read_image",
     "read_volume",
+    "resolve_under_root",
     "rgb_proxy",
     "seed_worker",
     "slice_positions",

@@ -10,14 +10,9 @@ from torch.utils.data import Dataset
 
 from ..seeding import sample_seed
 from .errors import MedicalImageError
+from .paths import OUTSIDE_ROOT_FIX, resolve_under_root
 from .reading import CTWindowArg
-from .samples import (
-    BadSampleLog,
-    build_sample,
-    check_on_error,
-    read_metadata_csv,
-    resolve_identifier,
-)
+from .samples import BadSampleLog, build_sample, check_on_error, read_metadata_csv
 from .windows import DEFAULT_CT_WINDOW
 
 
@@ -30,7 +25,8 @@ class CSVImageDataset(Dataset):
     Args:
         csv_path: the metadata CSV.
         root: folder that relative identifiers are resolved against; None: as written (absolute,
-            or relative to the working directory).
+            or relative to the working directory). With a root, every row must resolve inside it
+            (after ``..`` and symlinks): see "Data root" below.
         transform: tensor transform applied to the [3, H, W] image in [-1, 1], e.g.
             ``stage1_augmentation(256)`` or ``eval_transform(256)``.
         tokenizer: callable str -> LongTensor; when given, each sample has ``text`` and the
@@ -52,6 +48,14 @@ class CSVImageDataset(Dataset):
         replacement_seed: seed of the replacement draws under 'skip'; None (default) uses
             ``torch.initial_seed()`` of the process reading the sample, which the training's
             per-sample seeding (and DataLoader workers) set reproducibly.
+        allow_outside_root: accept rows outside `root` (absolute paths, ``..``, symlinks leading out);
+            off by default.
+
+    Data root: with a root, a row whose identifier resolves outside it (``../x.png``, an absolute
+    path elsewhere, ``../../../../etc/passwd``, a symlink under the root pointing out) is refused
+    when the dataset is built, whatever `on_error`: it is a wrong CSV or root (or a hostile CSV), not
+    a bad file, so it fails before training with one MedicalImageError naming the CSV and the first
+    rows (line, identifier, where it leads). See :func:`meditok.data.resolve_under_root`.
 
     Skip policy: the replacement of bad row i is the first readable row of a random order of the
     other rows (rows never tried twice for one sample), drawn from a generator seeded by
@@ -84,9 +88,11 @@ class CSVImageDataset(Dataset):
         error_log_dir: str | Path | None = None,
         max_consecutive_bad: int = 100,
         replacement_seed: int | None = None,
+        allow_outside_root: bool = False,
     ):
         self.csv_path = Path(csv_path)
         self.root = None if root is None else Path(root)
+        self.allow_outside_root = allow_outside_root
         self.transform = transform
         self.tokenizer = tokenizer
         self.ct_window = ct_window
@@ -110,6 +116,29 @@ class CSVImageDataset(Dataset):
             table[caption_column].tolist() if caption_column in table else [""] * len(table)
         )
         self.bad_samples = BadSampleLog(error_log_dir if on_error == "skip" else None)
+        self._refuse_rows_outside_root()
+
+    def _refuse_rows_outside_root(self, shown: int = 5) -> None:
+        """Check every row against the root now, so a bad CSV fails before training, all at once."""
+        if self.root is None or self.allow_outside_root:
+            return
+        dir_cache: dict[str, str] = {}
+        refused = []
+        for row, identifier in enumerate(self.identifiers):
+            try:
+                resolve_under_root(self.root, identifier, dir_cache=dir_cache)
+            except MedicalImageError as error:
+                # the root is named once, in the message's head
+                reason = error.reason.removesuffix(f", outside the data root {self.root}")
+                refused.append(f"line {row + 2}: {reason}")
+        if refused:
+            more = f"; and {len(refused) - shown} more" if len(refused) > shown else ""
+            raise MedicalImageError(
+                self.csv_path,
+                f"{len(refused)} row(s) lead outside the data root {self.root}: "
+                + "; ".join(refused[:shown]) + more,
+                OUTSIDE_ROOT_FIX.format(root=self.root),
+            )
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -122,8 +151,12 @@ class CSVImageDataset(Dataset):
     def load(self, row: int) -> dict[str, Any]:
         """The sample of one CSV row, without any skip policy (raises MedicalImageError)."""
         identifier = self.identifiers[row]
-        path = resolve_identifier(identifier, self.root)
         try:
+            # Checked again at read time (cheap next to decoding the image): a symlink may have
+            # been placed under the root since the dataset was built.
+            path = resolve_under_root(
+                self.root, identifier, allow_outside_root=self.allow_outside_root
+            )
             sample = build_sample(
                 str(path),
                 self.modalities[row],
