@@ -96,3 +96,28 @@ def test_bad_schedule_name():
         MaskSchedule("linear")
     with pytest.raises(ValueError, match="must be non-negative"):
         TaskMix(0, 0, 0).probs()
+
+
+@pytest.mark.parametrize("t", [1e-4, 1e-3, 1e-2, 0.5, 0.999])
+def test_cosine_schedule_is_float32_accurate(t):
+    """m(t), α(t) and w(t) of the cosine schedule in float32 agree with a float64 `math` evaluation of the
+    textbook formulas to 1e-5 relative, also where 1 − cos(πt/2) cancels (small t) and α → 0 (t → 1)."""
+    schedule = MaskSchedule("cosine")
+    t32 = torch.tensor([t], dtype=torch.float32)
+    t64 = t32.double().item()  # the float32 value actually evaluated, so only the formula's error counts
+    x = math.pi * t64 / 2
+    expected = {"mask_prob": 1 - math.cos(x), "alpha": math.cos(x),
+                "weight": (math.pi / 2) * math.sin(x) / (1 - math.cos(x))}
+    for name, reference in expected.items():
+        value = getattr(schedule, name)(t32)
+        assert value.dtype == torch.float32
+        assert value.item() == pytest.approx(reference, rel=1e-5), name
+
+
+def test_loglinear_schedule_in_float32_is_the_plain_formula():
+    # The default schedule keeps its exact float32 arithmetic: m = (1 − ε)·t, α = 1 − m, w = 1/t.
+    schedule = MaskSchedule("loglinear", eps=1e-3)
+    t = torch.tensor([1e-4, 1e-3, 1e-2, 0.5, 0.999], dtype=torch.float32)
+    assert torch.equal(schedule.mask_prob(t), (1.0 - 1e-3) * t)
+    assert torch.equal(schedule.alpha(t), 1.0 - (1.0 - 1e-3) * t)
+    assert torch.equal(schedule.weight(t), 1.0 / t)
