@@ -69,7 +69,8 @@ def read_inception_state_dict(path: Union[str, Path], sha256_prefix: Optional[st
                 f"{path}: SHA-256 {digest} does not start with {sha256_prefix}, so this is not pytorch-fid's "
                 f"{FID_INCEPTION_FILENAME} (truncated download, or another Inception such as torchvision's).\n"
                 + how_to_get_weights(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import meditok
+    return meditok.safe_load(path, what="FID Inception weights")
 
 
 def random_inception_state_dict(seed: int = 0):

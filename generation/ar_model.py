@@ -371,12 +371,12 @@ def load_generator(path, preset: Optional[str] = None, device="cpu", weights: st
     """
     from pathlib import Path
 
+    import meditok
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: generator checkpoint not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != GENERATOR_FORMAT:
-        raise ValueError(f"{path}: not a generator checkpoint of this project (expected format {GENERATOR_FORMAT!r})")
+    payload = meditok.safe_load(path, formats=(GENERATOR_FORMAT,), what="generator checkpoint of this project")
     config = ARConfig.from_dict(payload["config"])
     if preset is not None and preset != config.preset:
         raise ValueError(f"{path}: the checkpoint is a {config.preset!r} generator, not {preset!r}; "

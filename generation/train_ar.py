@@ -36,10 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import meditok
 from meditok import distributed
-from .ar_model import ARGenerator, ARConfig, generator_payload, get_ar_config
+from training.options import UsageError, check_field_types, check_numbers, usage_error
+from training.stopping import StopRequests
+from .ar_model import GENERATOR_FORMAT, ARConfig, ARGenerator, generator_payload, get_ar_config
 from .token_cache import TokenCache, TokenCacheError, check_same_tokenizer
 
+PROG = "python -m generation.train_ar"
 # Dense bf16 peak of common accelerators (TFLOP/s), for model-FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -89,7 +93,32 @@ class TrainConfig:
             if unknown:
                 raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        problems = check_field_types(values, cls) + check_numbers(
+            values, positive=("batch_size", "epochs", "lr", "log_every", "keep_checkpoints"),
+            non_negative=("max_steps", "warmup_steps", "grad_clip", "weight_decay", "eval_every", "sample_every",
+                          "sample_per_label", "save_every", "peak_tflops"),
+            unit_interval=("beta1", "beta2", "ema"))
+        problems += model_override_problems(values.get("model") or {})
+        if problems:
+            raise UsageError("; ".join(problems))
         return cls(**values)
+
+
+# set from the token cache (or by --preset / --head), never through --model
+CACHE_SET_FIELDS = ("preset", "head", "grid", "num_labels", "num_codebooks", "codebook_size")
+
+
+def model_override_problems(model: Any) -> List[str]:
+    """What is wrong with a --model override: not a JSON object, an unknown ARConfig field, or a field the token
+    cache decides."""
+    if not isinstance(model, dict):
+        return [f"--model must be a JSON object of generator settings, got {model!r}"]
+    known = {f.name for f in dataclasses.fields(ARConfig)}
+    problems = [f"--model: unknown generator setting {k!r} (known: {', '.join(sorted(known - set(CACHE_SET_FIELDS)))})"
+                for k in model if k not in known]
+    problems += [f"--model: {k!r} is set by the token cache (or --preset / --head), not by --model" for k in model
+                 if k in CACHE_SET_FIELDS]
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,41 +441,57 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     model.train()
     began, images_since, last_log = time.perf_counter(), 0, time.perf_counter()
-    while step < total_steps:
-        loss = train_step(trained, model, optimizer, data, step, config, device, amp_dtype)
-        if ema is not None:
-            ema.update_parameters(model)
-        step += 1
-        images_since += config.batch_size
-        if main_process and (step % config.log_every == 0 or step == total_steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            images_per_s = images_since / max(now - last_log, 1e-9)
-            record = {"step": step, "epoch": round(step / data.steps_per_epoch, 3), "loss": loss,
-                      "lr": learning_rate(config, step - 1), "images_per_s": round(images_per_s, 2),
-                      "tokens_per_s": round(images_per_s * model.K * model.L, 1),
-                      "tflops_per_s": round(images_per_s * flops_per_image / 1e12, 4)}
-            if peak:
-                record["mfu"] = round(images_per_s * flops_per_image / peak, 4)
-            logger.write(record)
-            images_since, last_log = 0, now
-        if val_cache is not None and main_process and (step % config.eval_every == 0 or step == total_steps):
-            evaluated = ema.module if ema is not None else model
-            logger.write({"step": step, "val_loss": validation_loss(evaluated, val_cache, config.batch_size, amp_dtype)})
-        if main_process and config.sample_every and step % config.sample_every == 0 and step < total_steps:
-            grids.write(ema.module if ema is not None else model, out / "samples" / f"step-{step:07d}", config.seed, amp_dtype)
-        if main_process and (step % config.save_every == 0 or step == total_steps):
-            checkpointer.save(payload(), step)
-        distributed.barrier()
+    stops, stopped = StopRequests(config.log_every, 0, "synthesis"), ""
+    try:
+        while step < total_steps and not stopped:
+            loss = train_step(trained, model, optimizer, data, step, config, device, amp_dtype)
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            images_since += config.batch_size
+            if main_process and (step % config.log_every == 0 or step == total_steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                images_per_s = images_since / max(now - last_log, 1e-9)
+                record = {"step": step, "epoch": round(step / data.steps_per_epoch, 3), "loss": loss,
+                          "lr": learning_rate(config, step - 1), "images_per_s": round(images_per_s, 2),
+                          "tokens_per_s": round(images_per_s * model.K * model.L, 1),
+                          "tflops_per_s": round(images_per_s * flops_per_image / 1e12, 4)}
+                if peak:
+                    record["mfu"] = round(images_per_s * flops_per_image / peak, 4)
+                logger.write(record)
+                images_since, last_log = 0, now
+            if val_cache is not None and main_process and (
+                    (config.eval_every and step % config.eval_every == 0) or step == total_steps):
+                evaluated = ema.module if ema is not None else model
+                logger.write({"step": step, "val_loss": validation_loss(evaluated, val_cache, config.batch_size,
+                                                                        amp_dtype)})
+            if main_process and config.sample_every and step % config.sample_every == 0 and step < total_steps:
+                grids.write(ema.module if ema is not None else model, out / "samples" / f"step-{step:07d}",
+                            config.seed, amp_dtype)
+            stopped = stops.should_stop(step, total_steps, device)
+            if main_process and ((config.save_every and step % config.save_every == 0) or step == total_steps
+                                 or stopped):
+                checkpointer.save(payload(), step)
+            distributed.barrier()
+    finally:
+        stops.close()
+    if stopped:
+        if main_process:
+            print(f"[synthesis] stopped ({stopped}) at step {step}/{total_steps}: checkpoint saved; `--resume auto "
+                  f"--out {out}` continues from here", flush=True)
+        distributed.cleanup()
+        return {"steps": step, "stopped": stopped, "exit_code": stops.final_exit_code(stopped)}
 
     summary: Dict[str, Any] = {}
     if main_process:
         atomic_torch_save(payload(), out / "generator.pth")
         final_model = ema.module if ema is not None else model
         grids.write(final_model, out / "samples" / "final", config.seed, amp_dtype)
-        summary = {"steps": step, "seconds": round(time.perf_counter() - began, 1), "parameters": model.num_parameters(),
-                   "train_flops_per_image": flops_per_image, "generator": str(out / "generator.pth")}
+        summary.update({"steps": step, "seconds": round(time.perf_counter() - began, 1),
+                        "parameters": model.num_parameters(), "train_flops_per_image": flops_per_image,
+                        "generator": str(out / "generator.pth")})
         if val_cache is not None:
             summary["val_loss"] = validation_loss(final_model, val_cache, config.batch_size, amp_dtype)
             summary.update(json.loads((out / "baselines.json").read_text()))
@@ -482,7 +527,7 @@ def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step:
 
 def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig) -> int:
     """Load a training checkpoint into model / optimizer / EMA; returns its step. Refuses another preset or head."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = meditok.safe_load(path, formats=(GENERATOR_FORMAT,), what="generator training checkpoint")
     saved = ARConfig.from_dict(payload["config"])
     if saved.preset != model.config.preset or saved.head != model.config.head:
         raise ValueError(f"{path}: checkpoint of a {saved.preset!r} generator with {saved.head} heads, but this run builds "
@@ -504,7 +549,7 @@ def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig)
 # CLI
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="python -m generation.train_ar", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file with any of the settings below (configs/synthesis_*.json)")
     defaults = TrainConfig()
@@ -543,15 +588,17 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """0 when the run finished, 143 / 130 when SIGTERM / Ctrl-C stopped it (after saving), 2 for bad input."""
     try:
         config = parse_args(argv)
         if not config.train_cache:
-            raise ValueError("no --train-cache given (make one with python -m generation.tokenize_dataset)")
-        train(config)
+            raise UsageError("no --train-cache given (make one with python -m generation.tokenize_dataset)")
+        return train(config).get("exit_code", 0)
+    except UsageError as error:
+        return usage_error(PROG, error)
     except (TokenCacheError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,30 +23,32 @@ import contextlib
 import functools
 import json
 import math
-import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from meditok import distributed
+from meditok import CheckpointError, distributed, safe_load
+from meditok.seeding import rng_state, set_rng_state
+from training.options import UsageError, check_numbers, usage_error
+from training.stopping import StopRequests
+from training.workers import shutdown_workers
 
 from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
-from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError, ProjectorMismatchError
+from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError
 from .vision_tower import FEATURE_KINDS, MedITokVisionTower
 
 RUN_FILE = "interpretation.json"
 CHECKPOINT = "ckpt-last.pth"
 LORA_DIR = "lora"
 CHECKPOINT_FORMAT = "meditok-interpretation-v1"
+PROG = "python -m interpretation.train"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -57,7 +59,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 # Arguments
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m interpretation.train", description=__doc__, epilog="Details: docs/vqa.md.",
+        prog=PROG, description=__doc__, epilog="Details: docs/vqa.md.",
         formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of flag values (keys as below, with _ or -)")
     p.add_argument("--stage", choices=("A", "B"), required=False, default=None,
@@ -118,6 +120,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
+        if not Path(first.config).is_file():
+            raise UsageError(f"--config {first.config}: no such file (the configs are in configs/vqa_*.json)")
         config = json.loads(Path(first.config).read_text())
         stage = first.stage or config.get("stage")
         values = {k: v for k, v in config.items() if not k.startswith("stage_")}
@@ -131,7 +135,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("stage", "language_model", "data", "out"):
         if getattr(args, name) in (None, []):
-            raise SystemExit(f"error: --{name.replace('_', '-')} is required (on the command line or in --config)")
+            raise UsageError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+    problems = check_numbers(vars(args), positive=("epochs", "batch_size", "grad_accum", "lr", "log_every",
+                                                   "save_every", "max_length", "lora_r", "lora_alpha"),
+                             non_negative=("weight_decay", "max_grad_norm", "num_workers", "projector_lr",
+                                           "stop_after_steps", "img_size"),
+                             unit_interval=("warmup_ratio", "lora_dropout"))
+    if problems:
+        raise UsageError("; ".join(problems))
     return args
 
 
@@ -153,13 +164,13 @@ def build_model(args: argparse.Namespace, device: torch.device) -> MedITokLlava:
     if not lm_dir.is_dir():
         raise SystemExit(f"error: --language-model {lm_dir}: no such folder; point it at a saved transformers model "
                          f"(python scripts/make_tiny_lm.py writes a tiny one)")
+    tower_dtype = torch.bfloat16 if use_bf16(args, device) else None  # the tower first: a bad path fails in seconds
+    tower = MedITokVisionTower.from_source(args.vision_tower, args.features, img_size=args.img_size, device=device,
+                                           dtype=tower_dtype, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
     dtype = torch.bfloat16 if args.lm_dtype == "bfloat16" else torch.float32
     language_model = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=dtype).to(device)
     language_model.requires_grad_(False)
-    tower_dtype = torch.bfloat16 if use_bf16(args, device) else None
-    tower = MedITokVisionTower.from_source(args.vision_tower, args.features, img_size=args.img_size, device=device,
-                                           dtype=tower_dtype, seed=args.seed)
     torch.manual_seed(args.seed)
     model = MedITokLlava(tower, language_model, tokenizer, args.projector, args.template).to(device)
     if args.init_projector:
@@ -249,21 +260,6 @@ def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tenso
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
-def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler, step: int, args) -> None:
     """Trainable weights + optimiser + schedule + RNG + step, written atomically (temp file, fsync, rename)."""
     from meditok import atomic_write
@@ -275,10 +271,10 @@ def save_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler, step:
 
 
 def load_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler) -> int:
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG/numpy state
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise SystemExit(f"error: {path} is not an interpretation training checkpoint; pass --resume auto or the "
-                         f"run's {CHECKPOINT}")
+    try:
+        payload = safe_load(path, formats=(CHECKPOINT_FORMAT,), what="VQA training checkpoint")
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
     params = trainable_parameters(model)
     if set(params) != set(payload["trainable"]):
         raise SystemExit(f"error: {path}: its trainable parameters differ from this run's (stage or LoRA settings "
@@ -426,21 +422,11 @@ def global_totals(run: Run, loss: float, tokens: int, samples: int) -> tuple:
     return float(totals[0] / totals[1].clamp(min=1)), int(totals[1]), int(totals[2])
 
 
-def agreed_stop(run: Run, stop: bool) -> bool:
-    """True on every rank when any rank wants to stop (a SIGTERM reaches the ranks at different steps)."""
-    if run.world == 1:
-        return stop
-    flag = torch.tensor([float(stop)], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run one stage; returns a summary (steps, final loss, seconds, finished)."""
     run = prepare_run(args)
     log = MetricsLog(run.out / "metrics.jsonl", run.step, run.rank == 0)
-    stop = {"signal": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))  # checkpoint, then exit
+    stops, stopped, batches = StopRequests(1, args.stop_after_steps or 0, f"stage {args.stage}"), "", None
     bf16 = use_bf16(args, run.device)
     start_time = window_start = time.time()
     window_samples = window_tokens = 0
@@ -448,11 +434,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     progress = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc=f"stage {args.stage}")
     run.model.train()
     try:
-        stopping = False
-        while run.step < run.total_steps and not stopping:
+        while run.step < run.total_steps and not stopped:
             epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
             micro = []
-            for batch in epoch_loader(run, epoch, in_epoch * args.grad_accum):
+            batches = iter(epoch_loader(run, epoch, in_epoch * args.grad_accum))
+            for batch in batches:
                 micro.append(batch)
                 if len(micro) < args.grad_accum:
                     continue
@@ -470,22 +456,26 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                                "lr": run.scheduler.get_last_lr()[-1], "samples_per_s": window_samples / elapsed,
                                "tokens_per_s": window_tokens / elapsed, "elapsed_s": time.time() - start_time})
                     window_start, window_samples, window_tokens = time.time(), 0, 0
-                stopping = agreed_stop(run, stop["signal"] or run.step == args.stop_after_steps)
+                stopped = stops.should_stop(run.step, run.total_steps, run.device)  # ranks agree every step
                 done = run.step >= run.total_steps
-                if run.rank == 0 and (run.step % args.save_every == 0 or done or stopping):
+                if run.rank == 0 and (run.step % args.save_every == 0 or done or stopped):
                     save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.scheduler, run.step, args)
-                if done or stopping:
+                if done or stopped:
                     break
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        shutdown_workers(batches)  # workers would outlive a failed run (and block the interpreter's exit)
         progress.close()
+        stops.close()
     finished = run.step >= run.total_steps
     if run.rank == 0 and finished:
         save_outputs(run.out, run.model, args)
+    if run.rank == 0 and stopped:
+        print(f"[stage {args.stage}] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint saved; "
+              f"`--resume auto` with the same --out continues from here", flush=True)
     if run.world > 1:
         dist.barrier()
     return {"steps": run.step, "total_steps": run.total_steps, "final_loss": last_loss,
-            "seconds": time.time() - start_time, "finished": finished}
+            "seconds": time.time() - start_time, "finished": finished, "exit_code": stops.final_exit_code(stopped)}
 
 
 def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]], optimizer, scheduler,
@@ -515,14 +505,20 @@ def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    """0 when the stage finished (or stopped at --stop-after-steps), 143 / 130 when SIGTERM / Ctrl-C stopped it
+    (after saving), 2 for bad input."""
     try:
+        args = parse_args(argv)
         summary = train(args)
-    except (ProjectorMismatchError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except UsageError as error:
+        return usage_error(PROG, error)
+    except (ValueError, FileNotFoundError) as error:  # a missing model or tower, a projector of another model, ...
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        distributed.cleanup()
     print(json.dumps(summary))
-    distributed.cleanup()
-    return 0
+    return summary.pop("exit_code")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Runs a trainer's `main` in a new process group, and sends SIGNAL to the whole group (as Slurm and systemd do)
+# from inside its AT-th call of TARGET (a function of the trainer's module): the signal lands mid-step, at a
+# known step, so the stop and the resume can be checked exactly.
+_SIGNALLED_RUN = """
+import importlib, os, signal, sys
+module_name, target, at, sig, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+module = importlib.import_module(module_name)
+real, calls = getattr(module, target), [0]
+def wrapped(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.killpg(os.getpgrp(), getattr(signal, sig))
+    return real(*args, **kwargs)
+setattr(module, target, wrapped)
+sys.exit(module.main(argv))
+"""
+
+
+@pytest.fixture
+def run_signalled():
+    """``run_signalled(module, target, at, "SIGTERM", argv)`` → the finished subprocess (stdout, stderr, returncode)."""
+    import subprocess
+    import sys
+
+    def run(module, target, at, sig, argv, timeout=400):
+        return subprocess.run([sys.executable, "-c", _SIGNALLED_RUN, module, target, str(at), sig, *map(str, argv)],
+                              cwd=ROOT, start_new_session=True, capture_output=True, text=True, timeout=timeout)
+    return run

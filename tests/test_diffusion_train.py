@@ -139,3 +139,46 @@ def test_sample_cli_all_tasks(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "gen/joint.json").read_text())["labels"] == ["mri"] * 3
     assert sample_cli.main(common + ["--task", "joint", "--label", "xray"]) == 2
     assert "is not one of the model's labels" in capsys.readouterr().err
+
+
+def argv_for(setup, out, *extra):
+    base, cache, tokenizer = setup
+    return ["--cache", str(cache), "--text-tokenizer", str(tokenizer), "--preset", "tiny", "--out", str(out),
+            "--batch-size", "4", "--text-len", "64", "--log-every", "1", "--save-every", "100", "--warmup-steps", "2",
+            "--num-samples", "0", "--steps", "5", *extra]
+
+
+def test_sigterm_to_the_process_group_saves_exits_143_and_resumes_exactly(setup, tmp_path, run_signalled):
+    """SIGTERM during step 3 of 5 (to the whole group, with 2 data workers): the step finishes and is saved, the
+    process exits 143 (workers gone, no hang); --resume auto then ends bit-equal to an unbroken run."""
+    stopped = tmp_path / "stopped"
+    proc = run_signalled("generation.diffusion.train", "diffusion_loss", 3, "SIGTERM",
+                         argv_for(setup, stopped, "--num-workers", "2"))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "stopped (SIGTERM) at step 3/5" in proc.stdout, proc.stdout[-2000:]
+    assert diffusion_train.main(argv_for(setup, stopped, "--resume", "auto")) == 0
+    assert diffusion_train.main(argv_for(setup, tmp_path / "straight")) == 0
+    a = torch.load(tmp_path / "straight/checkpoints/latest.pt", weights_only=True)
+    b = torch.load(stopped / "checkpoints/latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 5
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--steps", "-5", "--steps must be a number > 0, got -5"),
+    ("--batch-size", "0", "--batch-size must be a number > 0, got 0"),
+    ("--log-every", "0", "--log-every must be a number > 0, got 0"),
+    ("--warmup-steps", "-10", "--warmup-steps must be a number >= 0, got -10"),
+    ("--task-mix", "1,x", "--task-mix must be three weights"),
+])
+def test_bad_values_give_one_line_and_exit_2(setup, tmp_path, capsys, flag, value, says):
+    assert diffusion_train.main(argv_for(setup, tmp_path / "run", flag, value)) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_save_every_0_saves_only_at_the_end(setup, tmp_path):
+    assert diffusion_train.main(argv_for(setup, tmp_path / "run", "--save-every", "0", "--steps", "2")) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest.pt"]

@@ -132,3 +132,54 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(caches, tmp_pat
     one, two = weights(tmp_path / "one" / "generator.pth"), weights(tmp_path / "two" / "generator.pth")
     for name in one[0]:
         torch.testing.assert_close(two[0][name], one[0][name], atol=1e-6, rtol=0)
+
+
+def cli(caches, out, **overrides):
+    """The command line of ``config(caches, out, **overrides)``."""
+    values = {k: v for k, v in config(caches, out, **overrides).__dict__.items() if k != "model"}
+    return [a for k, v in values.items() if v not in ("", None)
+            for a in (f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v))]
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_to_the_process_group_saves_exits_and_resumes_exactly(caches, tmp_path, run_signalled, sig, code):
+    """SIGTERM (Slurm, systemd) or Ctrl-C during step 3 of 6: the step finishes, is saved, the process exits
+    143 / 130 without writing generator.pth; --resume auto then ends equal to an unbroken run."""
+    from generation.train_ar import main
+    stopped = tmp_path / "stopped"
+    proc = run_signalled("generation.train_ar", "train_step", 3, sig, cli(caches, stopped, save_every=100))
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "stopped (" in proc.stdout and "at step 3/6" in proc.stdout, proc.stdout[-2000:]
+    assert not (stopped / "generator.pth").exists() and (stopped / "ckpt-0000003.pth").is_file()
+    assert main(cli(caches, stopped, save_every=100, resume="auto")) == 0
+    assert main(cli(caches, tmp_path / "straight", save_every=100)) == 0
+    a, b = weights(tmp_path / "straight" / "generator.pth"), weights(stopped / "generator.pth")
+    for left, right in zip(a[:2], b[:2]):
+        for name in left:
+            assert torch.equal(left[name], right[name]), name
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max-steps", "-5", "--max-steps must be a number >= 0, got -5"),
+    ("--batch-size", "0", "--batch-size must be a number > 0, got 0"),
+    ("--log-every", "0", "--log-every must be a number > 0, got 0"),
+    ("--keep-checkpoints", "0", "--keep-checkpoints must be a number > 0, got 0"),
+    ("--warmup-steps", "-10", "--warmup-steps must be a number >= 0, got -10"),
+    ("--model", '{"codebook_size": 1024}', "'codebook_size' is set by the token cache"),
+    ("--model", '{"colour": 1}', "unknown generator setting 'colour'"),
+])
+def test_bad_values_give_one_line_and_exit_2(caches, tmp_path, capsys, flag, value, says):
+    from generation.train_ar import main
+    argv = cli(caches, tmp_path / "run") + [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "generator.pth").exists()
+
+
+def test_a_config_value_of_the_wrong_type_is_refused(caches, tmp_path, capsys):
+    from generation.train_ar import main
+    config_file = tmp_path / "c.json"
+    config_file.write_text('{"lr": "fast"}')
+    assert main(["--config", str(config_file), "--train-cache", str(caches["train"]), "--out", str(tmp_path / "run")]) == 2
+    assert "--lr must be float, got 'fast'" in capsys.readouterr().err

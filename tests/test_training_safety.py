@@ -200,3 +200,21 @@ def test_signals_to_the_process_group_stop_at_a_step_boundary_and_resume_exactly
         for part in ("model", "heads"):
             for k in want[part]:
                 torch.testing.assert_close(got[part][k], want[part][k], rtol=0, atol=0, msg=f"{sig.name} {part}.{k}")
+
+
+def test_a_second_set_aside_of_the_same_name_keeps_the_first(tmp_path):
+    """Two damaged checkpoints of one step (a run that failed twice at the same place): both are kept, each with
+    its own checksum file, and the message names where each went."""
+    names = []
+    for content in (b"first damaged file", b"second damaged file"):
+        path = checkpointing.checkpoint_path(tmp_path, 24)
+        path.write_bytes(content)
+        checkpointing.checksum_path(path).write_text(f"{'0' * 64}  {path.name}\n")
+        with pytest.warns(UserWarning, match="setting aside"):
+            assert checkpointing.find_resume_checkpoint(tmp_path) is None
+        names.append(sorted(p.name for p in tmp_path.iterdir()))
+    assert names[-1] == ["ckpt-00000024.pth.unusable", "ckpt-00000024.pth.unusable.2",
+                         "ckpt-00000024.pth.unusable.2.sha256", "ckpt-00000024.pth.unusable.sha256"]
+    assert (tmp_path / "ckpt-00000024.pth.unusable").read_bytes() == b"first damaged file"
+    assert (tmp_path / "ckpt-00000024.pth.unusable.2").read_bytes() == b"second damaged file"
+    assert [p.name for p in checkpointing.set_aside_checkpoints(tmp_path)] == names[-1][:2]

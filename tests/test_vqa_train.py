@@ -1,5 +1,6 @@
 """Stage A / stage B training of the interpretation model: what is frozen, what learns, exact resume, the CLIs."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,16 +154,16 @@ def test_training_data_without_placeholder_fails_naming_the_record(setup, tmp_pa
         vqa_train.train(args)
 
 
-def test_stage_b_with_a_projector_for_another_language_model(setup, tmp_path):
+def test_stage_b_with_a_projector_for_another_language_model(setup, tmp_path, capsys):
     other_lm = make_tiny_lm(tmp_path / "lm64", seed=0, hidden_size=64, num_heads=4)
     args = args_for(setup, "A", tmp_path / "A")
     args.language_model = str(other_lm)
     vqa_train.build_model(args, torch.device("cpu")).save_projector(tmp_path / "A" / "projector.safetensors")
-    with pytest.raises(SystemExit, match=r"projector\.safetensors: the projector checkpoint has language-model hidden "
-                                         r"size 64, this model has 32"):
-        vqa_train.main(["--stage", "B", "--language-model", str(setup["lm"]), "--data", str(setup["qa"]),
-                        "--image-root", str(EXAMPLES), "--out", str(tmp_path / "B"), "--img-size", "32",
-                        "--init-projector", str(tmp_path / "A"), "--device", "cpu"])
+    assert vqa_train.main(["--stage", "B", "--language-model", str(setup["lm"]), "--data", str(setup["qa"]),
+                           "--image-root", str(EXAMPLES), "--out", str(tmp_path / "B"), "--img-size", "32",
+                           "--init-projector", str(tmp_path / "A"), "--device", "cpu"]) == 2
+    assert re.search(r"projector\.safetensors: the projector checkpoint has language-model hidden size 64, this model "
+                     r"has 32", capsys.readouterr().err)
 
 
 def test_gradient_checkpointing_leaves_the_gradients_unchanged(setup, tmp_path):
@@ -201,3 +202,39 @@ def test_missing_images_are_reported_before_training(setup, tmp_path):
     with pytest.raises(SystemExit, match=r"4 of 4 image file\(s\) not found \(.*qa\.csv:line 2: .*elsewhere/ct/"
                                          r"thorax_vertebra\.png.*check --image-root"):
         vqa_train.train(args)
+
+
+def test_sigterm_to_the_process_group_saves_exits_143_and_resumes_exactly(setup, straight_run, tmp_path,
+                                                                          run_signalled):
+    """SIGTERM during step 2 of 4 of stage B: saved, exit 143 (it used to exit 0), no final outputs; --resume auto
+    then ends equal to the unbroken run."""
+    out = tmp_path / "stopped"
+    argv = ["--stage", "B", "--language-model", str(setup["lm"]), "--data", str(setup["qa"]), "--image-root",
+            str(EXAMPLES), "--out", str(out), "--img-size", "32", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "4",
+            "--lora-alpha", "8", "--lora-dropout", "0.3", "--log-every", "1", "--device", "cpu", "--warmup-ratio", "0",
+            "--epochs", "2"]
+    proc = run_signalled("interpretation.train", "train_step", 2, "SIGTERM", argv)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "stopped (SIGTERM) at step 2/4" in proc.stdout, proc.stdout[-2000:]
+    assert not (out / "projector.safetensors").exists()
+    assert vqa_train.main(argv + ["--resume", "auto"]) == 0
+    for name in ("projector.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(straight_run / name), load_file(out / name)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key}"
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--batch-size", "0", "--batch-size must be a number > 0, got 0"),
+    ("--log-every", "0", "--log-every must be a number > 0, got 0"),
+    ("--epochs", "-1", "--epochs must be a number > 0, got -1.0"),
+    ("--warmup-ratio", "2", "--warmup-ratio must be a number between 0 and 1, got 2.0"),
+    ("--vision-tower", "missing.pth", "missing.pth"),
+    ("--config", "missing.json", "--config missing.json: no such file"),
+])
+def test_bad_values_give_one_line_and_exit_2(setup, tmp_path, capsys, flag, value, says):
+    argv = ["--stage", "A", "--language-model", str(setup["lm"]), "--data", str(setup["captions"]), "--image-root",
+            str(EXAMPLES), "--out", str(tmp_path / "run"), "--img-size", "32", "--device", "cpu", flag, value]
+    assert vqa_train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -104,9 +103,7 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     # memory-mapped: a `large` checkpoint (model + optimiser states, ~8.5 GB) is not copied into RAM first
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a MedITok training checkpoint (format {ckpt.get('format')!r})")
+    ckpt = meditok.safe_load(path, formats=(FORMAT,), what="MedITok training checkpoint", mmap=True)
     if "ranks" not in ckpt:  # written before per-rank states: one RNG state, a CSV position
         ckpt["ranks"] = [{"rng": ckpt["rng"], "data": {"kind": "csv", "epoch": ckpt["epoch"],
                                                        "batch_in_epoch": ckpt["batch_in_epoch"]}}]
@@ -116,19 +113,32 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 SET_ASIDE_SUFFIX = ".unusable"
 
 
+def set_aside_name(path: Path) -> Path:
+    """``<name>.unusable``, or ``<name>.unusable.2``, ``.3``, … when an earlier file was set aside under that name
+    (a run that failed twice at the same step): a set-aside never replaces another one."""
+    path = Path(path)
+    target, n = path.with_name(path.name + SET_ASIDE_SUFFIX), 1
+    while target.exists() or checksum_path(target).exists():
+        n += 1
+        target = path.with_name(f"{path.name}{SET_ASIDE_SUFFIX}.{n}")
+    return target
+
+
 def set_aside(path: Path, why: str) -> Path:
     """Rename an unusable checkpoint (never delete it: it may be rescued by hand) out of the checkpoint
-    pattern, so that neither resume nor pruning counts it."""
-    target = Path(path).with_name(Path(path).name + SET_ASIDE_SUFFIX)
-    os.replace(path, target)
+    pattern, so that neither resume nor pruning counts it; an earlier set-aside of the same name is kept."""
+    target = set_aside_name(path)
+    os.rename(path, target)  # the target does not exist (checked above; one trainer per folder holds the lock)
     if checksum_path(path).exists():
-        os.replace(checksum_path(path), checksum_path(target))
+        os.rename(checksum_path(path), checksum_path(target))
     warnings.warn(f"setting aside checkpoint {path} → {target.name}: {why}")
     return target
 
 
 def set_aside_checkpoints(run_dir: Path) -> List[Path]:
-    return sorted(Path(run_dir).glob(f"ckpt-*.pth{SET_ASIDE_SUFFIX}")) if Path(run_dir).is_dir() else []
+    if not Path(run_dir).is_dir():
+        return []
+    return sorted(p for p in Path(run_dir).glob(f"ckpt-*.pth{SET_ASIDE_SUFFIX}*") if not p.name.endswith(".sha256"))
 
 
 def find_resume_checkpoint(run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -292,7 +302,7 @@ class Checkpointer:
             try:
                 verify_checksum(path)
                 ckpt = load_checkpoint(path)
-            except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
+            except (ValueError, RuntimeError, OSError) as e:
                 raise SystemExit(f"--resume {resume}: not a usable checkpoint: {e}") from None
             ckpt["_path"] = resume
             return ckpt

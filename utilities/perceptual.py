@@ -18,6 +18,7 @@ from typing import Dict, Union
 import torch
 import torch.nn as nn
 
+import meditok
 from local_openclip.constants import LPIPS_VGG_PATH, RANDOM_WEIGHTS, default_location
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class PerceptualLoss(nn.Module):
 def _vgg_features_state_dict(vgg_path: Path, backbone: nn.Module) -> Dict[str, torch.Tensor]:
     """Read a torchvision VGG16 state dict (full, or only its ``features.*`` part) as ``{"N.weight": ...}``, checked
     key by key and shape by shape against lpips' backbone (whose layers keep torchvision's indices as names)."""
-    state = torch.load(vgg_path, map_location="cpu", weights_only=True)
+    state = meditok.safe_load(vgg_path, what="VGG16 weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -137,7 +138,7 @@ def _check_linear_layers_loaded(net: nn.Module) -> None:
     if not weights_file.is_file():
         raise FileNotFoundError(f"lpips' linear-layer weights are missing: {weights_file}; reinstall lpips "
                                 f"(`pip install --force-reinstall lpips==0.1.4`).")
-    shipped = torch.load(weights_file, map_location="cpu", weights_only=True)
+    shipped = meditok.safe_load(weights_file, what="lpips linear-layer weights")
     own = net.state_dict()
     for key, value in shipped.items():
         if key not in own or not torch.equal(own[key], value):

@@ -100,7 +100,8 @@ def load_text_head(checkpoint: Union[str, Path]) -> TextAlignmentHead:
     if not path.is_file():
         raise FileNotFoundError(f"alignment checkpoint {path} does not exist; pass a stage-2 training checkpoint "
                                 f"or its run folder (e.g. runs/stage2_tiny, which holds ckpt-00000060.pth)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    import meditok
+    payload = meditok.safe_load(path, what="tokenizer training checkpoint")  # its heads are checked below
     heads = payload.get("heads") if isinstance(payload, dict) else None
     if isinstance(heads, dict) and isinstance(heads.get("text"), dict):
         heads = heads["text"]  # a --stage 3 checkpoint holds {"vision": ..., "text": ...}

@@ -30,7 +30,12 @@ from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfi
                                         check_same_architecture, config_from_checkpoint, get_config)
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
-from meditok import atomic_write, distributed
+from meditok import atomic_write, distributed, safe_load
+from training.options import UsageError, check_numbers, usage_error
+from training.stopping import StopRequests
+from training.workers import shutdown_workers
+
+PROG = "python -m generation.diffusion.train"
 
 CHECKPOINT_FORMAT = "meditok-joint-diffusion-v1"
 
@@ -40,7 +45,7 @@ CHECKPOINT_FORMAT = "meditok-joint-diffusion-v1"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m generation.diffusion.train",
+        prog=PROG,
         description="Train the joint image–report masked-diffusion model over MedITok token ids. Values in "
                     "--config (JSON, keys are these flags with '_' for '-') are defaults; flags override them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument("--save-every", type=int, default=100, help="keep a numbered checkpoint every N steps (latest.pt "
-                                                                 "is rewritten at the same times and at the end)")
+                                                                 "is rewritten at the same times, at the end and on "
+                                                                 "a stop; 0 = only then)")
     r.add_argument("--sample-every", type=int, default=0, help="write samples every N steps (0 = only at the end)")
     r.add_argument("--sample-steps", type=int, default=16, help="unmasking steps of the samples written in training")
     r.add_argument("--num-samples", type=int, default=4, help="samples per task in the sample folders")
@@ -101,7 +107,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
     args = parser.parse_args(argv)
     if args.cache is None:
-        parser.error("--cache is required (a token cache folder from python -m generation.tokenize_dataset)")
+        raise UsageError("--cache is required (a token cache folder from python -m generation.tokenize_dataset)")
+    problems = check_numbers(vars(args), positive=("steps", "batch_size", "lr", "log_every", "sample_steps"),
+                             non_negative=("weight_decay", "warmup_steps", "grad_clip", "text_weight", "save_every",
+                                           "sample_every", "num_samples", "num_workers", "text_len", "num_layers"),
+                             unit_interval=("condition_dropout",))
+    try:
+        weights = [float(v) for v in str(args.task_mix).split(",")]
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError
+    except ValueError:
+        problems.append(f"--task-mix must be three weights >= 0 (joint, image|text, text|image), e.g. 1,1,1; "
+                        f"got {args.task_mix!r}")
+    if problems:
+        raise UsageError("; ".join(problems))
     return args
 
 
@@ -227,11 +246,7 @@ def save_checkpoint(path: Path, model: JointDiffusionTransformer, optimizer, ste
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; use --resume auto or a file in <out>/checkpoints/")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise DiffusionConfigError(f"{path} is not a joint-diffusion checkpoint (format "
-                                   f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
-    return payload
+    return safe_load(path, formats=(CHECKPOINT_FORMAT,), what="joint-diffusion checkpoint")
 
 
 def resolve_resume(resume: str, out: Path) -> Optional[Path]:
@@ -371,63 +386,81 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     timer, seen = time.perf_counter(), 0
     from tqdm import tqdm
     progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="diffusion", dynamic_ncols=True)
-    step = start
-    for text, image, labels in loader:
-        text, image, labels = text.to(device), image.to(device), labels.to(device)
-        torch.manual_seed(step_seed(args.seed, step, rank))  # dropout & label dropout of this step
-        generator = torch.Generator().manual_seed(step_seed(args.seed, step, rank) + 1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup_steps, args.steps)
-        model.train()
-        with autocast():
-            parts = diffusion_loss(ddp, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
-                                   generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        step += 1
-        seen += text.shape[0] * world
-        for key, value in parts.items():
-            window[key] = window.get(key, 0.0) + float(value.detach())
-        window["n"] = window.get("n", 0) + 1
-        progress.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            elapsed = time.perf_counter() - timer
-            last = {"step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
-                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": seen / max(elapsed, 1e-9)}
-            if rank == 0:
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(last) + "\n")
-                progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
-                                     txt=f"{last['text_ce']:.3f}")
-            window, timer, seen = {}, time.perf_counter(), 0
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(out / "checkpoints" / "latest.pt", model, optimizer, step, args, extra)
-            if step % args.save_every == 0:
-                save_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt", model, optimizer, step, args, extra)
-        if rank == 0 and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
-            decoder = load_decoder(args.meditok, cache, device) if args.num_samples else None
-            if args.num_samples:
-                write_samples(model, codec, cache, out / "samples" / f"step_{step:07d}", args.num_samples,
-                              args.sample_steps, args.seed, decoder)
-    progress.close()
+    step, stops, stopped, batches = start, StopRequests(args.log_every, 0, "diffusion"), "", iter(loader)
+    try:
+        for text, image, labels in batches:
+            text, image, labels = text.to(device), image.to(device), labels.to(device)
+            torch.manual_seed(step_seed(args.seed, step, rank))  # dropout & label dropout of this step
+            generator = torch.Generator().manual_seed(step_seed(args.seed, step, rank) + 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args.lr, args.warmup_steps, args.steps)
+            model.train()
+            with autocast():
+                parts = diffusion_loss(ddp, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
+                                       generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            seen += text.shape[0] * world
+            for key, value in parts.items():
+                window[key] = window.get(key, 0.0) + float(value.detach())
+            window["n"] = window.get("n", 0) + 1
+            progress.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                elapsed = time.perf_counter() - timer
+                last = {"step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
+                        "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                        "samples_per_s": seen / max(elapsed, 1e-9)}
+                if rank == 0:
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(last) + "\n")
+                    progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
+                                         txt=f"{last['text_ce']:.3f}")
+                window, timer, seen = {}, time.perf_counter(), 0
+            stopped = stops.should_stop(step, args.steps, device)
+            numbered = bool(args.save_every) and step % args.save_every == 0
+            if rank == 0 and (numbered or step == args.steps or stopped):
+                save_checkpoint(out / "checkpoints" / "latest.pt", model, optimizer, step, args, extra)
+                if numbered:
+                    save_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt", model, optimizer, step, args, extra)
+            if stopped:
+                break
+            if rank == 0 and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
+                decoder = load_decoder(args.meditok, cache, device) if args.num_samples else None
+                if args.num_samples:
+                    write_samples(model, codec, cache, out / "samples" / f"step_{step:07d}", args.num_samples,
+                                  args.sample_steps, args.seed, decoder)
+    finally:
+        shutdown_workers(batches)  # workers ignore SIGTERM: the interpreter would wait for them forever
+        progress.close()  # before any message, so none is printed onto the bar's line
+        stops.close()
+    if stopped and rank == 0:
+        print(f"[diffusion] stopped ({stopped}) at step {step}/{args.steps}: checkpoint saved; `--resume auto --out "
+              f"{out}` continues from here", flush=True)
     if codec.truncated and rank == 0:
         print(f"[diffusion] {codec.truncated} of {codec.seen} captions were truncated to {config.text_len} tokens")
     distributed.barrier()
     distributed.cleanup()
-    return {"step": step, "last": last, "truncated": codec.truncated}
+    return {"step": step, "last": last, "truncated": codec.truncated, "stopped": stopped,
+            "exit_code": stops.final_exit_code(stopped)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    """0 when the run finished, 143 / 130 when SIGTERM / Ctrl-C stopped it (after saving), 2 for bad input."""
     try:
-        train(args)
+        args = parse_args(argv)
+        summary = train(args)
+    except UsageError as error:
+        return usage_error(PROG, error)
     except (ValueError, FileNotFoundError) as error:  # config, cache and tokenizer errors name the fix
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    if not summary["stopped"]:
+        print(f"[diffusion] done: {summary['step']} steps; checkpoint {Path(args.out) / 'checkpoints' / 'latest.pt'}, "
+              f"samples in {Path(args.out) / 'samples'}, metrics in {Path(args.out) / 'metrics.jsonl'}")
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""No checkpoint runs code: every path by which this project reads a PyTorch file goes through
+``meditok.safe_load`` (weights_only=True) and refuses, in one line naming the file, a pickle that would run
+something. Each case below hands one load path a file whose unpickling would create a marker file (with the
+format key each loader looks for, so a format check after unpickling would have come too late)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import meditok
+from meditok import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Planted:
+    """Unpickling this calls ``open(marker, "w")``: a file appears if the loader runs pickled code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path, marker, fmt=None, **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": {"w": torch.zeros(2)}, "payload": Planted(marker), **extra}
+    if fmt:
+        payload["format"] = fmt
+    torch.save(payload, path)
+    return path
+
+
+def refused(call, marker, exceptions=(CheckpointError,), *args):
+    with pytest.raises(exceptions) as caught:
+        call(*args)
+    assert not marker.exists(), "the pickled code ran"
+    return str(caught.value)
+
+
+def test_safe_load_refuses_in_one_line_without_torchs_advice(tmp_path):
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "evil.pth", marker)
+    message = refused(lambda: meditok.safe_load(path), marker)
+    assert str(path) in message and "\n" not in message and "weights_only=False" not in message
+    assert "it would build io.open" in message and "python -m training.convert_checkpoint" in message
+
+
+def test_safe_load_names_the_expected_format_and_damaged_files(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"format": "other", "x": torch.ones(1)}, good)
+    with pytest.raises(CheckpointError, match=r"good.pth: not a thing \(its format is 'other', expected 'mine'\)"):
+        meditok.safe_load(good, formats=("mine",), what="thing")
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=r"cut.pth: not a readable PyTorch"):
+        meditok.safe_load(tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match=r"missing.pth: no such"):
+        meditok.safe_load(tmp_path / "missing.pth")
+    assert torch.equal(meditok.safe_load(good, formats=("other",))["x"], torch.ones(1))
+
+
+def test_tokenizer_loading_and_training_resume(tmp_path):
+    from utilities import checkpointing
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "run" / "ckpt-00000004.pth", marker, checkpointing.FORMAT)
+    refused(lambda: meditok.load_meditok(path), marker)
+    refused(lambda: checkpointing.load_checkpoint(path), marker)  # train.py --resume PATH
+    with pytest.warns(UserWarning, match="setting aside"):  # train.py --resume auto: set aside, never run
+        assert checkpointing.find_resume_checkpoint(tmp_path / "run") is None
+    assert not marker.exists()
+
+
+def test_loss_and_metric_networks(tmp_path):
+    from evaluation.fid_inception import read_inception_state_dict
+    from utilities.perceptual import _vgg_features_state_dict
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "vgg16.pth", marker)
+    refused(lambda: _vgg_features_state_dict(path, torch.nn.Module()), marker)
+    refused(lambda: read_inception_state_dict(path, sha256_prefix=None), marker)
+
+
+def test_generator_loading_sampling_cli_and_resume(tmp_path, capsys):
+    from generation import sample, train_ar
+    from generation.ar_model import GENERATOR_FORMAT, load_generator
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "generator.pth", marker, GENERATOR_FORMAT)
+    refused(lambda: load_generator(path), marker)
+    refused(lambda: train_ar.restore(path, None, None, None, None), marker)  # train_ar --resume
+    code = sample.main(["--generator", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists() and "refused" in err and "Traceback" not in err, err
+
+
+def test_diffusion_resume_inference_and_alignment_head(tmp_path):
+    from generation.diffusion import report_metrics, train
+    marker = tmp_path / "ran"
+    latest = plant(tmp_path / "run" / "checkpoints" / "latest.pt", marker, train.CHECKPOINT_FORMAT)
+    resume = train.resolve_resume("auto", tmp_path / "run")  # the trainer's --resume auto
+    refused(lambda: train.load_checkpoint(resume), marker)
+    refused(lambda: train.load_for_inference(latest), marker)  # generation.diffusion.sample / evaluation.diffusion
+    plant(tmp_path / "stage2" / "ckpt-00000060.pth", marker, "meditok-train")
+    refused(lambda: report_metrics.load_text_head(tmp_path / "stage2"), marker)  # --align-checkpoint RUN
+
+
+def test_vqa_resume(tmp_path):
+    from interpretation import train
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "ckpt-last.pth", marker, train.CHECKPOINT_FORMAT)
+    message = refused(lambda: train.load_checkpoint(path, None, None, None), marker, SystemExit)
+    assert "refused" in message
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("generation.diffusion.sample", ["--checkpoint", "{path}", "--task", "joint", "--out", "{out}"]),
+    ("evaluation.diffusion", ["--checkpoint", "{path}", "--cache", "{out}", "--out", "{out}"]),  # loaded first
+])
+def test_diffusion_command_lines_refuse_without_running(tmp_path, module, argv):
+    from generation.diffusion.train import CHECKPOINT_FORMAT
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "latest.pt", marker, CHECKPOINT_FORMAT)
+    argv = [a.format(path=path, out=tmp_path / "out") for a in argv]
+    proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and not marker.exists(), proc.stderr[-2000:]
+    assert "refused" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_converter_turns_old_numpy_rng_states_into_safe_ones_and_refuses_code(tmp_path):
+    """An old VQA checkpoint held numpy's RNG state as an array: converted once, it loads safely and restores
+    the same random streams; a file with anything but numpy data is refused by the converter too."""
+    import random
+
+    from meditok.seeding import set_rng_state
+    from training.convert_checkpoint import convert
+    np.random.seed(7)
+    random.seed(7)
+    old = {"format": "meditok-interpretation-v1", "step": 3, "trainable": {"w": torch.ones(2)},
+           "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+    want = (np.random.rand(3), random.random(), torch.rand(2))
+    torch.save(old, tmp_path / "ckpt-last.pth")
+    with pytest.raises(CheckpointError, match="refused"):
+        meditok.safe_load(tmp_path / "ckpt-last.pth")
+    convert(tmp_path / "ckpt-last.pth")
+    assert (tmp_path / "ckpt-last.pth.orig").is_file()
+    new = meditok.safe_load(tmp_path / "ckpt-last.pth", formats=("meditok-interpretation-v1",))
+    set_rng_state(new["rng"])
+    got = (np.random.rand(3), random.random(), torch.rand(2))
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1] and torch.equal(got[2], want[2])
+    marker = tmp_path / "ran"
+    plant(tmp_path / "evil.pth", marker)
+    with pytest.raises(CheckpointError, match="other than numpy arrays"):
+        convert(tmp_path / "evil.pth")
+    assert not marker.exists()

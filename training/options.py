@@ -1,0 +1,73 @@
+"""Validation of a trainer's options in one place: every bad value is reported in one line, and ``main`` exits
+with status 2 (as argparse does for a bad flag), never with a traceback from deep inside the run.
+
+    problems = check_numbers(values, positive=("batch_size", "log_every"), non_negative=("max_steps",))
+    if problems: return usage_error("python -m generation.train_ar", problems)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Iterable, List, Mapping, Sequence, Union, get_type_hints
+
+
+class UsageError(ValueError):
+    """A bad option value; the message is one line naming the option, the value and what it must be."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_numbers(values: Mapping[str, Any], *, positive: Iterable[str] = (), non_negative: Iterable[str] = (),
+                  unit_interval: Iterable[str] = ()) -> List[str]:
+    """The problems (one string per option) of ``values`` (option name → value; names absent or None are not
+    checked): ``positive`` must be > 0, ``non_negative`` ≥ 0, ``unit_interval`` within [0, 1]."""
+    problems = []
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (unit_interval, lambda v: 0 <= v <= 1, "between 0 and 1")):
+        for name in names:
+            value = values.get(name)
+            if value is None:
+                continue
+            if not _is_number(value) or not ok(value):
+                problems.append(f"{flag(name)} must be a number {rule}, got {value!r}")
+    return problems
+
+
+def check_field_types(values: Mapping[str, Any], config_class: type) -> List[str]:
+    """The problems of values whose type does not fit the dataclass field they set (e.g. ``"lr": "fast"`` in a
+    config file, where argparse's type conversion never ran). ints are accepted where floats are expected."""
+    hints = get_type_hints(config_class)
+    problems = []
+    for f in dataclasses.fields(config_class):
+        if f.name not in values or values[f.name] is None:
+            continue
+        value, want = values[f.name], hints.get(f.name)
+        if want is bool:
+            ok = isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif want is str:
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            problems.append(f"{flag(f.name)} must be {want.__name__}, got {value!r}")
+    return problems
+
+
+def usage_error(prog: str, problems: Union[str, Sequence[str], BaseException]) -> int:
+    """Print the problems as one line on stderr and return 2 (the exit status of a usage error)."""
+    if isinstance(problems, BaseException):
+        problems = str(problems)
+    text = problems if isinstance(problems, str) else "; ".join(problems)
+    print(f"{prog}: error: {text} (see {prog} --help)", file=sys.stderr, flush=True)
+    return 2
