@@ -11,11 +11,13 @@ if [ -d runs/stage1_tiny ] || [ -d runs/stage2_tiny ]; then
     echo "[quickstart] removing the previous quick-start runs (runs/stage1_tiny, runs/stage2_tiny)"
     rm -rf runs/stage1_tiny runs/stage2_tiny
 fi
-bash scripts/train_stage1.sh
+source scripts/stages.sh
+RESUME_HINT="Continue it with bash scripts/train_stage1.sh --resume auto (or train_stage2.sh), then the later steps of this script by hand."
+run_stage "stage 1" bash scripts/train_stage1.sh
 t2=$(date +%s)
-bash scripts/train_stage2.sh
+run_stage "stage 2" bash scripts/train_stage2.sh
 t3=$(date +%s)
-.venv/bin/python demo.py --checkpoint runs/stage2_tiny/tokenizer --out outputs/demo
+run_stage "the demo" .venv/bin/python demo.py --checkpoint runs/stage2_tiny/tokenizer --out outputs/demo
 t4=$(date +%s)
 echo "[quickstart] setup $((t1 - start)) s, stage 1 $((t2 - t1)) s, stage 2 $((t3 - t2)) s, demo $((t4 - t3)) s; total $((t4 - start)) s"
 echo "[quickstart] look at: runs/stage1_tiny/loss_curves.png, runs/stage1_tiny/vis/, outputs/demo/summary.png"

@@ -58,11 +58,12 @@ if [ "$CONFIG" = "configs/synthesis_tiny_cpu.json" ]; then
 fi
 
 echo "== training ($CONFIG)"
+source scripts/stages.sh
 if [ "$NPROC" -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" -m generation.train_ar --config "$CONFIG" \
+    run_stage "training" "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" -m generation.train_ar --config "$CONFIG" \
         ${OUT_FLAGS[@]+"${OUT_FLAGS[@]}"} "$@"
 else
-    "$PYTHON" -m generation.train_ar --config "$CONFIG" ${OUT_FLAGS[@]+"${OUT_FLAGS[@]}"} "$@"
+    run_stage "training" "$PYTHON" -m generation.train_ar --config "$CONFIG" ${OUT_FLAGS[@]+"${OUT_FLAGS[@]}"} "$@"
 fi
 
 out=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['out'])" "$CONFIG")

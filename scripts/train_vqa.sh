@@ -26,6 +26,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing is downloaded
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CONFIG=${CONFIG:-vqa_tiny_cpu}
 case "$CONFIG" in */*|*.json) ;; *) CONFIG="configs/${CONFIG}.json" ;; esac
+if [ ! -f "$CONFIG" ]; then
+    echo "error: CONFIG=$CONFIG: no such file; name one of $(ls configs/vqa_*.json | xargs -n1 basename | sed 's/.json$//' | tr '\n' ' ')or give a path" >&2
+    exit 2
+fi
+source scripts/stages.sh
+RESUME_HINT="Run the same command again with --resume auto: each stage continues from its checkpoint (a finished one is not retrained)."
 OUT=${OUT:-runs/vqa_tiny}
 if [ -z "${VISION_TOWER:-}" ]; then
     if [ -d runs/stage2_tiny/tokenizer ]; then VISION_TOWER=runs/stage2_tiny/tokenizer; else VISION_TOWER=random:tiny; fi
@@ -46,15 +52,15 @@ common=(--config "$CONFIG" --vision-tower "$VISION_TOWER" --language-model "$LAN
 
 echo "[train_vqa] vision tower: $VISION_TOWER; language model: $LANGUAGE_MODEL; config: $CONFIG"
 start=$(date +%s)
-"${launch[@]}" "${common[@]}" --stage A --out "$OUT/stageA" "$@"
+run_stage "stage A (projector)" "${launch[@]}" "${common[@]}" --stage A --out "$OUT/stageA" "$@"
 t1=$(date +%s)
-"${launch[@]}" "${common[@]}" --stage B --out "$OUT/stageB" --init-projector "$OUT/stageA" "$@"
+run_stage "stage B (projector + LoRA)" "${launch[@]}" "${common[@]}" --stage B --out "$OUT/stageB" --init-projector "$OUT/stageA" "$@"
 t2=$(date +%s)
 if [ -z "${EVAL_DATA:-}" ]; then EVAL_DATA=datasets/meta/vqa_examples_val.csv; EVAL_ROOT=${EVAL_ROOT:-datasets/examples}; fi
 eval_flags=()
 [ -n "${EVAL_ROOT:-}" ] && eval_flags+=(--image-root "$EVAL_ROOT")
 # shellcheck disable=SC2086
-"$PYTHON" -m evaluation.vqa --run "$OUT/stageB" --data $EVAL_DATA ${eval_flags[@]+"${eval_flags[@]}"} --max-new-tokens 8 --out "$OUT/eval"
+run_stage "evaluation" "$PYTHON" -m evaluation.vqa --run "$OUT/stageB" --data $EVAL_DATA ${eval_flags[@]+"${eval_flags[@]}"} --max-new-tokens 8 --out "$OUT/eval"
 t3=$(date +%s)
 echo "[train_vqa] stage A $((t1 - start)) s, stage B $((t2 - t1)) s, evaluation $((t3 - t2)) s; total $((t3 - start)) s"
 echo "[train_vqa] look at: $OUT/eval/vqa.md, $OUT/stageA/metrics.jsonl, $OUT/stageB/metrics.jsonl"
