@@ -228,6 +228,7 @@ class BuildState:
     candidates: list[Candidate] = field(default_factory=list)
     excluded: list[Exclusion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    split_warnings: list[str] = field(default_factory=list)  # val/test splits lacking training modalities
 
     def exclude(self, package: str, file: str, reason: str) -> None:
         self.excluded.append(Exclusion(package, file, reason))
@@ -808,6 +809,27 @@ def count_rows(rows: list[Row]) -> dict:
     return counts
 
 
+def split_coverage_warnings(rows: list) -> list[str]:
+    """One line per kind (views, tiles64, tiles128) whose val or test split lacks modalities its train split
+    has: a modality with one source is train only, so validation and test scores leave it out."""
+    present: dict = defaultdict(set)
+    for row in rows:
+        present[(row.kind, row.split)].add(row.modality)
+    lines = []
+    for kind in sorted({row.kind for row in rows}):
+        trained = present[(kind, "train")]
+        gaps = []
+        for split in SPLITS[1:]:
+            missing = sorted(trained - present[(kind, split)])
+            if missing:
+                gaps.append(f"{split} has {len(trained) - len(missing)} of the {len(trained)} training modalities "
+                            f"(no {', '.join(missing)})")
+        if gaps:
+            lines.append(f"warning: {kind}: " + "; ".join(gaps) + ": scores on those splits leave them out (a "
+                         "modality with one source is train only)")
+    return lines
+
+
 def summary_table(counts: dict) -> str:
     kinds = ("views",) + tuple(f"tiles{t}" for t in TILE_SIZES)
     lines = ["| modality | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
@@ -867,6 +889,7 @@ def build(out: Path, names: list[str], val_fraction: float = 0.1, test_fraction:
     (out / BUILD_MARKER).write_text("written by scripts/data/build_corpus.py; replaced on every run\n")
     counts = write_outputs(out, rows, state, shard_size, progress)
     write_readme(out, counts, names, state)
+    state.split_warnings = split_coverage_warnings(rows)
     return counts, state
 
 
@@ -918,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, by_split in counts["by_split"].items():
         print(f"  {kind}: " + ", ".join(f"{s} {by_split.get(s, 0)}" for s in SPLITS))
     print(f"  left out: {len(state.excluded)} files/images, reasons in {args.out}/meta/excluded.csv")
+    for line in state.split_warnings:
+        print(line, file=sys.stderr)
     return 0
 
 
