@@ -7,9 +7,9 @@ Example::
     python -m generation.sample --generator runs/ar_B/generator.pth --labels bloodmnist dermamnist --per-label 1000 \\
         --batch-size 128 --cfg-scale 1.5 --top-k 0 --out samples/
 
-Writes ``OUT/grid_<label>.png`` (one grid per label), ``OUT/samples.npz`` (``images`` uint8 [N, H, W, 3],
-``ids`` uint16 [N, 8, L], ``labels`` int64 [N], ``label_names``), written atomically (never a partial
-file), and prints images/s and generated tokens/s.
+Writes ``OUT/grid_<label>.png`` (one grid per label, the label's name in a strip above it),
+``OUT/samples.npz`` (``images`` uint8 [N, H, W, 3], ``ids`` uint16 [N, 8, L], ``labels`` int64 [N],
+``label_names``), written atomically (never a partial file), and prints images/s and generated tokens/s.
 
 Randomness: one uniform number per (image, position, codebook) is drawn from a ``torch.Generator``
 seeded with ``--seed``, in the same order with or without the KV cache, so the cache changes speed,
@@ -151,24 +151,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: np.ndarray, path: Path, columns: int = 8, min_tile: int = 64) -> Path:
-    """uint8 [N, H, W, 3] → one PNG grid (tiles enlarged by nearest neighbour when smaller than ``min_tile``)."""
-    from PIL import Image
+def save_grid(images: np.ndarray, path: Path, columns: int = 8, min_tile: int = 64,
+              title: Optional[str] = None) -> Path:
+    """uint8 [N, H, W, 3] → one PNG grid (tiles enlarged by nearest neighbour when smaller than ``min_tile``),
+    with ``title`` written in a strip above it (:func:`generation.figures.captioned_grid`, which gives the size)."""
+    from .figures import captioned_grid
 
-    n, h, w, _ = images.shape
-    columns = max(1, min(columns, n))
-    rows = -(-n // columns)
-    canvas = np.full((rows * h, columns * w, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-    picture = Image.fromarray(canvas)
-    scale = max(1, -(-min_tile // w))
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return path
+    tiles = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return captioned_grid(tiles, None, title, path, columns=columns, min_tile=min_tile)
 
 
 def save_npz_atomically(path: Path, **arrays) -> Path:
@@ -221,7 +211,10 @@ def run_sampling(model: ARGenerator, tokenizer, labels: torch.Tensor, label_name
     images = to_uint8(decode(tokenizer, ids.to(tokenizer.device), model.config.grid))
     for label in labels.unique().tolist():
         rows = (labels == label).nonzero().flatten().numpy()
-        save_grid(images[rows[:64]], out / f"grid_{label_names[label]}.png", columns=grid_columns)
+        shown = min(len(rows), 64)
+        title = f"{label_names[label]}: " + (f"{shown} samples" if shown == len(rows) else
+                                            f"first {shown} of {len(rows)} samples")
+        save_grid(images[rows[:64]], out / f"grid_{label_names[label]}.png", columns=grid_columns, title=title)
     if write_npz:
         save_npz_atomically(out / "samples.npz", images=images, ids=ids.numpy().astype(np.uint16),
                             labels=labels.numpy(), label_names=np.array(list(label_names)))
