@@ -252,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="questions answered at once")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
     parser.add_argument("--language-model", default=None, help="override the run's language-model folder")
-    parser.add_argument("--vision-tower", default=None, help="override the run's MedITok weights")
+    parser.add_argument("--vision-tower", default=None,
+                        help="the run's MedITok weights at another path (refused when the weights differ from the "
+                             "ones the run was trained with)")
+    parser.add_argument("--allow-other-vision-tower", action="store_true",
+                        help="answer with a --vision-tower whose weights differ from the run's (with a warning: the "
+                             "answers then say nothing about the run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--bf16", action="store_true", help="language model and encoder in bf16 (GPU)")
     parser.add_argument("--label", default=None, help="name of our row in the table (default: the run folder)")
@@ -266,7 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     records = load_questions(args)
     try:
-        model, description = load_trained(args.run, args.device, args.language_model, args.vision_tower, args.bf16)
+        model, description = load_trained(args.run, args.device, args.language_model, args.vision_tower, args.bf16,
+                                          allow_other_vision_tower=args.allow_other_vision_tower)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     start = time.time()
@@ -276,7 +282,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summaries = breakdown(rows)
     label = args.label or f"ours ({relative(Path(args.run))})"
     warnings = []
-    if str(description.get("vision_tower", "")).startswith("random:"):
+    tower_check = description.get("vision_tower_check") or {}
+    if tower_check.get("warning"):
+        warnings.append(tower_check["warning"])
+    if str(tower_check.get("vision_tower") or description.get("vision_tower", "")).startswith("random:"):
         warnings.append("THE VISION TOWER HAS RANDOM WEIGHTS: a smoke test of the pipeline only; the accuracy says "
                         "nothing about MedITok")
     markdown = "\n\n".join([f"**WARNING: {w}**" for w in warnings] + [

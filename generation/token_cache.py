@@ -21,7 +21,6 @@ refuses to mix them.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+
+from meditok.checkpoint import weights_fingerprint as meditok_weights_fingerprint
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from meditok import atomic_write, atomic_write_via_path
@@ -53,22 +54,7 @@ class TokenCacheError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Tokenizer identity
 
-def tokenizer_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 (hex) over every weight of the tokenizer: names, shapes and float32 bytes.
-
-    Covers the whole model (ids depend on the encoder and codebooks, images decoded from ids on the
-    decoder), so a generator is never silently decoded by a tokenizer other than its cache's. The
-    quantizer's ``vocab_usage`` buffer is a running statistic, not a weight, and is left out. Values
-    are hashed as float32 so the same weights loaded in bf16 or on another device agree.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith("vocab_usage"):
-            continue
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+tokenizer_fingerprint = meditok_weights_fingerprint  # the name this package has always used
 
 
 def _short(fingerprint: str) -> str:

@@ -15,6 +15,7 @@ and the weights assigned (memory-mapped where possible), so loading ``large`` ne
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -122,6 +123,24 @@ def diff_state_dict(model: MedITok, state_dict: Mapping[str, torch.Tensor]) -> S
         unexpected=[k for k in got if k not in expected],
         mis_shaped=[(k, got[k], expected[k]) for k in expected if k in got and got[k] != expected[k]],
     )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) over every weight of the tokenizer: names, shapes and float32 bytes.
+
+    Covers the whole model (ids depend on the encoder and codebooks, images decoded from ids on the
+    decoder), so a generator is never silently decoded by a tokenizer other than its cache's. The
+    quantizer's ``vocab_usage`` buffer is a running statistic, not a weight, and is left out. Values
+    are hashed as float32 so the same weights loaded in bf16 or on another device agree.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith("vocab_usage"):
+            continue
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
