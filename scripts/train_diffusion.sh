@@ -36,15 +36,31 @@ else
   TOKENIZER_ARGS=(--random-tokenizer tiny)
 fi
 
+start=$(date +%s)
+made="reused"
 if [ ! -f "$CACHE/manifest.json" ]; then
   "$PYTHON" -m generation.tokenize_dataset "${TOKENIZER_ARGS[@]}" --csv "$CSV" --root "$ROOT" --out "$CACHE" --num-workers 0
+  made="made"
 fi
+t1=$(date +%s)
 if [ ! -d "$TEXT_TOKENIZER" ]; then  # made once per RUN: use another RUN for other captions
   "$PYTHON" -m generation.diffusion.make_tokenizer --csv "$CSV" --out "$TEXT_TOKENIZER"
 fi
+t2=$(date +%s)
 
 ARGS=(--config "$CONFIG" --cache "$CACHE" --text-tokenizer "$TEXT_TOKENIZER" --out "$RUN" "$@")
+source scripts/stages.sh
 if [ "$NPROC" -gt 1 ]; then
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m generation.diffusion.train "${ARGS[@]}"
+  run_stage "training" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m generation.diffusion.train "${ARGS[@]}"
+else
+  run_stage "training" "$PYTHON" -m generation.diffusion.train "${ARGS[@]}"
 fi
-exec "$PYTHON" -m generation.diffusion.train "${ARGS[@]}"
+t3=$(date +%s)
+for arg in "$@"; do [ "${prev:-}" = "--out" ] && RUN=$arg; prev=$arg; done  # an --out given to the trainer wins
+samples=$(ls -d "$RUN"/samples/step_* 2>/dev/null | sort | tail -1 || true)
+if [ -n "$samples" ]; then samples="$samples/ (text_to_image.png, joint.png, real.png, reports.json)"
+else samples="no samples (--num-samples 0)"; fi
+echo "[train_diffusion] token cache ($made) $((t1 - start)) s, caption tokenizer $((t2 - t1)) s, training" \
+     "$((t3 - t2)) s; total $((t3 - start)) s"
+echo "[train_diffusion] look at: $RUN/metrics.jsonl, $samples; then python -m evaluation.diffusion --checkpoint" \
+     "$RUN/checkpoints/latest.pt --cache $CACHE --random-inception --out $RUN/eval"

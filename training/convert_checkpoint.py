@@ -29,15 +29,12 @@ from meditok.checkpoint import CheckpointError, _refused_global
 
 def numpy_data_classes() -> List[Any]:
     """numpy's classes an array and its dtype are rebuilt from when unpickled (data only)."""
-    from numpy.core import multiarray  # numpy 2 keeps this alias of numpy._core.multiarray
+    try:  # numpy 2 (pickles made with numpy 1 name numpy.core.multiarray, an alias of the same function)
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
     classes = [multiarray._reconstruct, np.ndarray, np.dtype]
-    classes += [type(np.dtype(code)) for code in ("u4", "i8", "i4", "f8", "f4", "u1", "bool")]
-    try:
-        from numpy._core import multiarray as core_multiarray
-        classes.append(core_multiarray._reconstruct)
-    except ImportError:
-        pass
-    return classes
+    return classes + [type(np.dtype(code)) for code in ("u4", "i8", "i4", "f8", "f4", "u1", "bool")]
 
 
 def _numpy_rng(state: Any) -> Any:

@@ -6,6 +6,7 @@ with status 2 (as argparse does for a bad flag), never with a traceback from dee
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
@@ -71,3 +72,12 @@ def usage_error(prog: str, problems: Union[str, Sequence[str], BaseException]) -
     text = problems if isinstance(problems, str) else "; ".join(problems)
     print(f"{prog}: error: {text} (see {prog} --help)", file=sys.stderr, flush=True)
     return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (an unknown flag, a value of the wrong type, a missing argument) are
+    one line naming the fix (``--help`` shows the full usage), like every other bad value; exit status 2."""
+
+    def error(self, message: str):
+        usage_error(self.prog, message)
+        sys.exit(2)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
 from meditok.config import PRESETS
+from training.options import ArgumentParser, check_numbers
 from meditok.model import MedITok
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,14 @@ class Args:
         if self.vis_every < 0 or self.save_every < 0:
             problems.append(f"--vis-every and --save-every must be ≥ 0 (0 = off / only at the end), got "
                             f"{self.vis_every} and {self.save_every}")
+        problems += check_numbers(
+            {f.name: getattr(self, f.name) for f in fields(self)},
+            positive=("lr", "disc_lr", "keep_checkpoints"),
+            non_negative=("img_size", "num_workers", "samples_per_epoch", "lr_end", "disc_lr_end", "warmup_epochs",
+                          "weight_decay", "disc_weight_decay", "grad_clip", "max_nonfinite_skips", "l1_weight",
+                          "l2_weight", "lpips_weight", "vq_weight", "adv_weight", "text_contrast_weight", "bcr_weight",
+                          "disc_start_epochs", "disc_warmup_epochs", "peak_tflops", "stop_at_step"),
+            unit_interval=("ema_decay", "bcr_cutout", "diffaug_cutout"))
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -245,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags are kebab-case (``--batch-size``) like every other CLI of the project; the snake_case spelling
     (``--batch_size``) is accepted as an alias. A bool flag alone means true (``--deterministic``); an
     explicit value works too (``--deterministic false``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py",
         description="Train the MedITok tokenizer (stage 1: visual alignment; stage 2: textual alignment; "
                     "stage 3: both in one stage, the paper's ablation). "
