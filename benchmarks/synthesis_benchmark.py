@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from generation.ar_model import ARGenerator, get_ar_config
+from generation.ar_model import ARGenerator, count_training_flops, get_ar_config
 from generation.sample import generate
-from generation.train_ar import PEAK_BF16_TFLOPS, TrainConfig, count_training_flops, make_optimizer
+# a benchmark of the training step: the trainer's own settings and optimiser (allowed in tests/test_import_contract.py)
+from generation.train_ar import TrainConfig, make_optimizer
+from training.flops import peak_flops
 
 
 def sync(device: torch.device) -> None:
@@ -118,10 +120,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     model = ARGenerator(get_ar_config(args.preset, head=args.head, grid=(args.grid, args.grid), num_labels=6)).to(device).eval()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((t * 1e12 for key, t in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peak = peak_flops(device, args.peak_tflops or 0.0)
     result = {"preset": args.preset, "head": args.head, "parameters": model.num_parameters(), "grid": [args.grid] * 2,
               "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "dtype": "bf16 autocast" if amp_dtype else "fp32", "torch": torch.__version__,

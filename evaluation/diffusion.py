@@ -29,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 from evaluation.report import environment, markdown_table, relative, write_outputs
-from generation.diffusion.report_metrics import AgreementJudge, load_text_head, report_metrics
+from evaluation.report_metrics import AgreementJudge, load_text_head, report_metrics
+from generation.diffusion.loading import load_for_inference
 from generation.diffusion.sampler import METHODS, SAMPLE_TASKS, SamplerOptions, sample
-from generation.diffusion.train import load_for_inference
 
 
 def build_parser() -> argparse.ArgumentParser:

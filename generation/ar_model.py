@@ -351,6 +351,17 @@ def build_generator(config: ARConfig) -> ARGenerator:
     return ARGenerator(config)
 
 
+def count_training_flops(model: ARGenerator, sample_ids: torch.Tensor, sample_labels: torch.Tensor) -> int:
+    """FLOPs of one forward + backward on the given batch, counted by torch.utils.flop_counter as it runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.loss(sample_ids, sample_labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 GENERATOR_FORMAT = "meditok-ar-generator-v1"
 
 

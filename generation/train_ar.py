@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,14 +37,16 @@ import torch.nn.functional as F
 
 import meditok
 from meditok import distributed
-from training.options import UsageError, check_field_types, check_numbers, usage_error
+from training.options import ArgumentParser, UsageError, check_field_types, check_numbers, usage_error
+from training.checkpoint_files import atomic_torch_save, checksum_path, verify_checksum
+from training.flops import peak_flops
+from training.optim import adamw
+from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
-from .ar_model import GENERATOR_FORMAT, ARConfig, ARGenerator, generator_payload, get_ar_config
+from .ar_model import GENERATOR_FORMAT, ARConfig, ARGenerator, count_training_flops, generator_payload, get_ar_config
 from .token_cache import TokenCache, TokenCacheError, check_same_tokenizer
 
 PROG = "python -m generation.train_ar"
-# Dense bf16 peak of common accelerators (TFLOP/s), for model-FLOPs utilisation.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
 @dataclass
@@ -77,7 +78,7 @@ class TrainConfig:
     sample_per_label: int = 8
     save_every: int = 500
     keep_checkpoints: int = 2
-    peak_tflops: float = 0.0       # 0: look the GPU up in PEAK_BF16_TFLOPS
+    peak_tflops: float = 0.0       # 0: look the GPU up in training.flops.PEAK_BF16_TFLOPS
     resume: str = ""               # "auto" = the newest ckpt in `out`, or a checkpoint path
 
     @classmethod
@@ -176,6 +177,7 @@ class Checkpointer:
         atomic_torch_save(payload, path)
         for old in self.paths()[:-self.keep]:
             old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
         return path
 
     def resolve(self, resume: str) -> Optional[Path]:
@@ -187,22 +189,6 @@ class Checkpointer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: checkpoint to resume from not found (use --resume auto for the newest in {self.out})")
         return path
-
-
-def atomic_torch_save(payload: Any, path: Path) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,28 +317,6 @@ def unigram_baselines(train: TokenCache, val: TokenCache) -> Dict[str, float]:
     return result
 
 
-def count_training_flops(model: ARGenerator, sample_ids: torch.Tensor, sample_labels: torch.Tensor) -> int:
-    """FLOPs of one forward + backward on the given batch, counted by torch.utils.flop_counter as it runs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model.loss(sample_ids, sample_labels).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def peak_flops(config: TrainConfig, device: torch.device) -> Optional[float]:
-    if config.peak_tflops > 0:
-        return config.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # The loop
 
@@ -363,19 +327,13 @@ def build_model(config: TrainConfig, cache: TokenCache) -> ARGenerator:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Constant lr (the paper's), after an optional linear warm-up."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    return config.lr
+    """Constant lr (the paper's), after an optional linear warm-up: the shared schedule with its floor at the peak."""
+    return cosine_lr(step, 0, config.lr, config.lr, config.warmup_steps)
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms' gains), as LlamaGen does."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=config.lr, betas=(config.beta1, config.beta2), fused=False)
+    return adamw(model.parameters(), config.lr, config.weight_decay, (config.beta1, config.beta2), fused=False)
 
 
 def cache_description(cache: TokenCache) -> Dict[str, Any]:
@@ -430,7 +388,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     ids0, labels0 = data.batch(0)
     flops_per_image = count_training_flops(model, ids0[:1].to(device), labels0[:1].to(device))
-    peak = peak_flops(config, device)
+    peak = peak_flops(device, config.peak_tflops, bf16=amp_dtype is not None)
     grids = SampleGrids(train_cache, device, config.sample_per_label) if main_process else None
 
     def payload() -> Dict[str, Any]:
@@ -508,8 +466,7 @@ def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step:
     ids, labels = data.batch(step)
     ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     labels = model.condition.drop_labels(labels, uniform=data.class_dropout_uniform(step))
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+    set_lr(optimizer, learning_rate(config, step))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
         logits = trained(ids, labels)
     loss = F.cross_entropy(logits.float().flatten(0, 2), ids.permute(0, 2, 1).flatten())
@@ -527,6 +484,10 @@ def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step:
 
 def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig) -> int:
     """Load a training checkpoint into model / optimizer / EMA; returns its step. Refuses another preset or head."""
+    try:
+        verify_checksum(path)  # a file changed or damaged since it was written: refused, naming it
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}; resume from an earlier checkpoint with --resume PATH") from None
     payload = meditok.safe_load(path, formats=(GENERATOR_FORMAT,), what="generator training checkpoint")
     saved = ARConfig.from_dict(payload["config"])
     if saved.preset != model.config.preset or saved.head != model.config.head:
@@ -549,7 +510,7 @@ def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig)
 # CLI
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    parser = ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file with any of the settings below (configs/synthesis_*.json)")
     defaults = TrainConfig()

@@ -34,20 +34,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from meditok import CheckpointError, distributed, safe_load
+from meditok import CheckpointError, distributed, safe_load, weights_fingerprint
 from meditok.seeding import rng_state, set_rng_state
-from training.options import UsageError, check_numbers, usage_error
+from training.options import ArgumentParser, UsageError, check_numbers, usage_error
 from training.stopping import StopRequests
 from training.workers import shutdown_workers
 
 from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
+from .loading import CHECKPOINT, CHECKPOINT_FORMAT, LORA_DIR, RUN_FILE
 from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError
 from .vision_tower import FEATURE_KINDS, MedITokVisionTower
 
-RUN_FILE = "interpretation.json"
-CHECKPOINT = "ckpt-last.pth"
-LORA_DIR = "lora"
-CHECKPOINT_FORMAT = "meditok-interpretation-v1"
 PROG = "python -m interpretation.train"
 
 
@@ -58,7 +55,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 # ----------------------------------------------------------------------------------------------------
 # Arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG, description=__doc__, epilog="Details: docs/vqa.md.",
         formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of flag values (keys as below, with _ or -)")
@@ -313,7 +310,9 @@ def save_outputs(out: Path, model: MedITokLlava, args) -> None:
                    "vision_tower": (str(Path(args.vision_tower).resolve()) if Path(args.vision_tower).exists()
                                     else args.vision_tower), "features": args.features,
                    "img_size": model.vision_tower.img_size, "projector": PROJECTOR_FILE, "lora": lora,
-                   **model.projector_config(), "template": model.template.name, "seed": args.seed}
+                   **model.projector_config(), "template": model.template.name, "seed": args.seed,
+                   # evaluation.vqa refuses another tower's weights by this (a path can be overwritten)
+                   "vision_tower_fingerprint": weights_fingerprint(model.vision_tower.tokenizer)}
     atomic_write(out / RUN_FILE, lambda f: f.write((json.dumps(description, indent=2) + "\n").encode()))
 
 

@@ -62,7 +62,7 @@ def test_combined_stage_has_both_terms_with_their_weights_and_gradients(tiny_net
 def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_path, deterministic):
     """3 steps straight == 2 steps, stop, --resume auto, 1 more: both heads (and their optimiser state) are
     restored; the run's text head is what the report-agreement loader reads; a one-head run refuses it."""
-    from generation.diffusion.report_metrics import load_text_head
+    from evaluation.report_metrics import load_text_head
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = dict(stage=3, max_steps=3, adv_weight=0, lpips_weight=0, deterministic="true")
     assert train.main(train_argv(straight, **common)) == 0

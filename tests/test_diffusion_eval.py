@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generation.diffusion.report_metrics import AgreementJudge, load_text_head, report_metrics, words
+from evaluation.report_metrics import AgreementJudge, load_text_head, report_metrics, words
 
 
 def lcs(a, b):

@@ -114,7 +114,8 @@ def test_trains_from_a_pretrained_hf_causal_lm(setup, tmp_path):
     assert payload["diffusion_config"]["num_layers"] == 1
     assert sum(k.startswith("blocks.") and k.endswith("self_attn.q_proj.weight") for k in payload["model"]) == 1
     assert diffusion_train.main(args + ["--steps", "2", "--resume", "auto"]) == 0
-    model, codec, _ = diffusion_train.load_for_inference(tmp_path / "run/checkpoints/latest.pt")
+    from generation.diffusion.loading import load_for_inference
+    model, codec, _ = load_for_inference(tmp_path / "run/checkpoints/latest.pt")
     assert model.num_layers == 1 and codec.vocab_size == len(tokenizer)
 
 

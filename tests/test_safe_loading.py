@@ -96,12 +96,13 @@ def test_generator_loading_sampling_cli_and_resume(tmp_path, capsys):
 
 
 def test_diffusion_resume_inference_and_alignment_head(tmp_path):
-    from generation.diffusion import report_metrics, train
+    from evaluation import report_metrics
+    from generation.diffusion import loading, train
     marker = tmp_path / "ran"
-    latest = plant(tmp_path / "run" / "checkpoints" / "latest.pt", marker, train.CHECKPOINT_FORMAT)
+    latest = plant(tmp_path / "run" / "checkpoints" / "latest.pt", marker, loading.CHECKPOINT_FORMAT)
     resume = train.resolve_resume("auto", tmp_path / "run")  # the trainer's --resume auto
     refused(lambda: train.load_checkpoint(resume), marker)
-    refused(lambda: train.load_for_inference(latest), marker)  # generation.diffusion.sample / evaluation.diffusion
+    refused(lambda: loading.load_for_inference(latest), marker)  # generation.diffusion.sample / evaluation.diffusion
     plant(tmp_path / "stage2" / "ckpt-00000060.pth", marker, "meditok-train")
     refused(lambda: report_metrics.load_text_head(tmp_path / "stage2"), marker)  # --align-checkpoint RUN
 
@@ -119,7 +120,7 @@ def test_vqa_resume(tmp_path):
     ("evaluation.diffusion", ["--checkpoint", "{path}", "--cache", "{out}", "--out", "{out}"]),  # loaded first
 ])
 def test_diffusion_command_lines_refuse_without_running(tmp_path, module, argv):
-    from generation.diffusion.train import CHECKPOINT_FORMAT
+    from generation.diffusion.loading import CHECKPOINT_FORMAT
     marker = tmp_path / "ran"
     path = plant(tmp_path / "latest.pt", marker, CHECKPOINT_FORMAT)
     argv = [a.format(path=path, out=tmp_path / "out") for a in argv]

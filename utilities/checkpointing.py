@@ -15,12 +15,9 @@ checkpoint name. :class:`Checkpointer` is the one place that builds, writes, fin
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
 import re
 import shutil
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,62 +27,15 @@ import torch
 import meditok
 from meditok.seeding import rng_state, set_rng_state
 
+# the file mechanics every trainer shares; imported here too, as this module's users (and tests) know them
+from training.checkpoint_files import (SET_ASIDE_SUFFIX, TEMP_PATTERN, RunFolderLock, atomic_torch_save,
+                                       checksum_path, os_error_in, set_aside, verify_checksum)
+
 from . import dist
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{8})\.pth$")
 FORMAT = "meditok-train"
-# meditok.atomic_write's temp files: ".<final name>.<8 random chars>.tmp"
-TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 HEALTHY_FILE = "healthy.json"  # the newest checkpoint after which training was seen to stay finite
-LOCK_FILE = ".lock"
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through (torch.save writes its zip sequentially)."""
-
-    def __init__(self, f):
-        self.f, self.sha256 = f, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_torch_save(obj: Any, path: Path) -> str:
-    """``torch.save`` through :func:`meditok.atomic_write`, then ``<path>.sha256`` beside it (the format of
-    ``sha256sum``, so ``sha256sum -c ckpt-*.pth.sha256`` checks it too). Returns the hex digest."""
-    digest = {}
-
-    def write(f) -> None:
-        hashing = _HashingWriter(f)
-        torch.save(obj, hashing)
-        digest["hex"] = hashing.sha256.hexdigest()
-    meditok.atomic_write(path, write)
-    meditok.atomic_write(checksum_path(path), lambda f: f.write(f"{digest['hex']}  {Path(path).name}\n".encode()))
-    return digest["hex"]
-
-
-def checksum_path(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + ".sha256")
-
-
-def verify_checksum(path: Path) -> None:
-    """Raise ValueError when ``path`` no longer matches the checksum written with it (no sidecar: nothing to
-    check, as for checkpoints written before checksums)."""
-    sidecar = checksum_path(path)
-    if not sidecar.is_file():
-        return
-    expected = sidecar.read_text().split()[0]
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            sha.update(chunk)
-    if sha.hexdigest() != expected:
-        raise ValueError(f"its contents do not match {sidecar.name} (sha256 {sha.hexdigest()[:12]}… vs "
-                         f"{expected[:12]}…): the file was changed or damaged after it was written")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -108,31 +58,6 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         ckpt["ranks"] = [{"rng": ckpt["rng"], "data": {"kind": "csv", "epoch": ckpt["epoch"],
                                                        "batch_in_epoch": ckpt["batch_in_epoch"]}}]
     return ckpt
-
-
-SET_ASIDE_SUFFIX = ".unusable"
-
-
-def set_aside_name(path: Path) -> Path:
-    """``<name>.unusable``, or ``<name>.unusable.2``, ``.3``, … when an earlier file was set aside under that name
-    (a run that failed twice at the same step): a set-aside never replaces another one."""
-    path = Path(path)
-    target, n = path.with_name(path.name + SET_ASIDE_SUFFIX), 1
-    while target.exists() or checksum_path(target).exists():
-        n += 1
-        target = path.with_name(f"{path.name}{SET_ASIDE_SUFFIX}.{n}")
-    return target
-
-
-def set_aside(path: Path, why: str) -> Path:
-    """Rename an unusable checkpoint (never delete it: it may be rescued by hand) out of the checkpoint
-    pattern, so that neither resume nor pruning counts it; an earlier set-aside of the same name is kept."""
-    target = set_aside_name(path)
-    os.rename(path, target)  # the target does not exist (checked above; one trainer per folder holds the lock)
-    if checksum_path(path).exists():
-        os.rename(checksum_path(path), checksum_path(target))
-    warnings.warn(f"setting aside checkpoint {path} → {target.name}: {why}")
-    return target
 
 
 def set_aside_checkpoints(run_dir: Path) -> List[Path]:
@@ -192,34 +117,6 @@ def remove_stale_temp_files(run_dir: Path) -> List[Path]:
                     p.unlink(missing_ok=True)
                     removed.append(p)
     return removed
-
-
-class RunFolderLock:
-    """An OS lock (flock) on ``<run>/.lock`` held for the life of a run, so a second trainer on the same
-    folder stops at once instead of overwriting the first one's checkpoints. The OS releases it when the
-    holder exits or dies, so ``--resume auto`` after a crash just proceeds."""
-
-    def __init__(self, run_dir: Path):
-        import fcntl
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "another process"
-            os.close(self._fd)
-            raise SystemExit(f"{Path(run_dir)} is in use by a running trainer ({holder}); stop it first or pick "
-                             f"another --output-dir (nothing was changed)") from None
-        except OSError as e:  # a file system without flock (some NFS / Lustre mounts): run unprotected
-            warnings.warn(f"cannot lock {self.path} ({e.strerror}): a second trainer on this folder would not be "
-                          f"stopped")
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
 
 
 class Checkpointer:
@@ -398,7 +295,7 @@ class Checkpointer:
         try:
             atomic_torch_save(state, path)
         except (OSError, RuntimeError) as error:
-            cause = _os_error_in(error)
+            cause = os_error_in(error)
             if cause is None:
                 raise
             free = shutil.disk_usage(self.run_dir).free / 1024 ** 3
@@ -409,13 +306,3 @@ class Checkpointer:
                     + f"free space, then continue with `--resume auto --output-dir {self.run_dir}`.")
         prune_checkpoints(self.run_dir, self.keep)
         return None
-
-
-def _os_error_in(error: BaseException) -> Optional[OSError]:
-    """The OSError behind an exception (torch.save wraps it in a RuntimeError), if any."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None

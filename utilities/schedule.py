@@ -1,24 +1,11 @@
-"""Learning-rate schedule of docs/method.md §2: linear warm-up, then cosine decay to a floor. A pure function of
-the step, so a resumed run needs no scheduler state."""
+"""The tokenizer's schedule (docs/method.md §2): both learning rates (``training.schedules.cosine_lr``, the
+schedule family every trainer shares) and the discriminator's start and warm-up, as functions of the step."""
 import math
 from dataclasses import dataclass
 
+from training.schedules import cosine_lr, linear_warmup
 
-def cosine_lr(step: int, total_steps: int, peak: float, floor: float, warmup_steps: int = 0) -> float:
-    """lr at ``step`` (0-based): peak·(step+1)/warmup during warm-up, then
-    floor + ½(peak − floor)(1 + cos(π·t)) with t going 0 → 1 over the remaining steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    t = min(max(step - warmup_steps, 0) / span, 1.0)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
-
-
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    """0 → 1 linearly over ``warmup_steps`` (1 from the start when warmup_steps ≤ 0)."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, step / warmup_steps)
+__all__ = ["Schedule", "cosine_lr", "linear_warmup"]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import meditok
+from training.flops import peak_flops
+from training.optim import adamw
 from . import dist
 from .args import Args
 from meditok.seeding import rank_seed
@@ -95,17 +97,6 @@ class TrainingModel(nn.Module):
         return out
 
 
-def known_peak_flops(device: torch.device, bf16: bool) -> float:
-    """Dense bf16 peak of GPUs we know (for the MFU in the logs); 0 when unknown or not bf16."""
-    if device.type != "cuda" or not bf16:
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
-        if key in name:
-            return tflops * 1e12
-    return 0.0
-
-
 def build_tokenizer(args: Args, device: torch.device) -> Tuple[meditok.MedITok, Optional[Dict[str, Any]]]:
     """Tokenizer from --init-from (weights file/folder or a previous run folder) or from scratch.
     Returns (tokenizer in train mode, discriminator-heads state of the previous run or None)."""
@@ -162,11 +153,8 @@ class Trainer:
 
         self.fused = fused = device.type == "cuda"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]  # norms, biases, logit scale: no weight decay
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=args.lr, betas=tuple(args.betas), eps=args.eps, fused=fused)
+        # no weight decay on norms, biases and the logit scale
+        self.opt = adamw(self.params, args.lr, args.weight_decay, tuple(args.betas), eps=args.eps, fused=fused)
         self.disc_opt = None
         if self.disc is not None:
             self.disc_opt = torch.optim.AdamW(self.disc.heads.parameters(), lr=args.disc_lr,
@@ -189,7 +177,7 @@ class Trainer:
         # torch.utils.flop_counter); the loss networks' FLOPs are not counted, so it is a lower bound.
         from meditok.info import forward_flops
         self.train_flops_per_image = 3 * sum(forward_flops(tokenizer, self.img_size).values())
-        self.peak_flops = args.peak_tflops * 1e12 or known_peak_flops(device, self.bf16)
+        self.peak_flops = peak_flops(device, args.peak_tflops, self.bf16) or 0.0
         # Every network above was initialised from the same seed on every rank. From here on each rank
         # draws from its own stream (DiffAugment, the discriminator's crops): rank 0 continues the stream
         # that built the networks (so a one-process run is unchanged), the others switch to their own seed.
@@ -293,7 +281,7 @@ class Trainer:
 
     def _heads_state(self) -> Optional[Dict[str, Any]]:
         """The alignment heads for a checkpoint: one head's state dict as it is (the paper's stages; what
-        ``generation.diffusion.report_metrics.load_text_head`` reads), two as ``{"vision": …, "text": …}``."""
+        ``evaluation.report_metrics.load_text_head`` reads), two as ``{"vision": …, "text": …}``."""
         if not self.heads:
             return None
         if len(self.heads) == 1:

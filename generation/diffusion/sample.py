@@ -8,7 +8,8 @@
     # joint: images and their reports from a label alone
     python -m generation.diffusion.sample --checkpoint ... --task joint --label mri --num 8
 
-Writes ``OUT/<task>.png`` (images decoded by ``--meditok``, default the cache's tokenizer when given),
+Writes ``OUT/<task>.png`` (images decoded by ``--meditok``, default the cache's tokenizer when given; the
+prompt — joint: the generated report — under each image, the task and label above the grid),
 ``OUT/<task>.json`` (reports, prompts, labels) and ``OUT/<task>_ids.pt``; prints images/s and text tokens/s.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from generation.diffusion.sampler import METHODS, SAMPLE_TASKS, SamplerOptions, sample
-from generation.diffusion.train import load_for_inference
+from generation.diffusion.loading import load_for_inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,10 +121,14 @@ def run(args: argparse.Namespace) -> dict:
         record["text_tokens_per_s"] = n * model.config.text_len / seconds
         print(f"[sample] {args.task}: {n} reports, {record['text_tokens_per_s']:.0f} text tokens/s ({args.steps} steps)")
     if decoder is not None:
-        from torchvision.utils import save_image
+        from generation.figures import captioned_grid
         pixels = torch.cat([decoder.idx_to_img(ids[s:s + 16].to(device), model.config.grid).cpu()
                             for s in range(0, len(ids), 16)])
-        save_image((pixels + 1) / 2, out_dir / f"{args.task}.png", nrow=min(8, n))
+        # text → image: the prompt under each image; joint: the report generated with it
+        captions = prompts if args.task == "text_to_image" else texts
+        title = f"{args.task.replace('_', ' ')}, label {labels_out[0] if labels_out else 'null'}, {args.steps} steps"
+        captioned_grid((pixels.float() + 1) / 2, captions, title, out_dir / f"{args.task}.png", columns=min(8, n),
+                       min_tile=128)
         record["grid"] = str(out_dir / f"{args.task}.png")
     (out_dir / f"{args.task}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"[sample] wrote {out_dir / (args.task + '.json')}")

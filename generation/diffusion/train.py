@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -26,25 +25,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from generation.diffusion.masking import SCHEDULES, MaskSchedule, TaskMix, diffusion_loss
+from generation.diffusion.loading import CHECKPOINT_FORMAT, load_checkpoint
 from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfigError, JointDiffusionTransformer,
                                         check_same_architecture, config_from_checkpoint, get_config)
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
-from meditok import atomic_write, distributed, safe_load
-from training.options import UsageError, check_numbers, usage_error
+from meditok import atomic_write, distributed
+from training.optim import adamw
+from training.options import ArgumentParser, UsageError, check_numbers, usage_error
+from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
 from training.workers import shutdown_workers
 
 PROG = "python -m generation.diffusion.train"
-
-CHECKPOINT_FORMAT = "meditok-joint-diffusion-v1"
 
 
 # --------------------------------------------------------------------------------------------------
 # Arguments
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG,
         description="Train the joint image–report masked-diffusion model over MedITok token ids. Values in "
                     "--config (JSON, keys are these flags with '_' for '-') are defaults; flags override them.",
@@ -214,18 +214,12 @@ def model_config(args: argparse.Namespace, codec: TextCodec, grid, codebook_size
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (0.9, 0.95); no weight decay on biases, norms, embeddings' 1-d params."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    return adamw(model.parameters(), lr, weight_decay, (0.9, 0.95))
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 10 % of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up then cosine decay to 10 % of the base rate (the shared schedule)."""
+    return cosine_lr(step, total, base, 0.1 * base, warmup)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -243,12 +237,6 @@ def save_checkpoint(path: Path, model: JointDiffusionTransformer, optimizer, ste
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; use --resume auto or a file in <out>/checkpoints/")
-    return safe_load(path, formats=(CHECKPOINT_FORMAT,), what="joint-diffusion checkpoint")
-
-
 def resolve_resume(resume: str, out: Path) -> Optional[Path]:
     if resume in (None, "", "none"):
         return None
@@ -256,16 +244,6 @@ def resolve_resume(resume: str, out: Path) -> Optional[Path]:
         latest = out / "checkpoints" / "latest.pt"
         return latest if latest.is_file() else None
     return Path(resume)
-
-
-def load_for_inference(path, device="cpu"):
-    """A checkpoint → (model in eval mode, TextCodec, payload)."""
-    payload = load_checkpoint(Path(path))
-    config = config_from_checkpoint(payload, str(path))
-    model = JointDiffusionTransformer(config)
-    model.load_state_dict(payload["model"])
-    codec = TextCodec(load_text_tokenizer(config.text_tokenizer), config.text_len)
-    return model.to(device).eval(), codec, payload
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,11 +276,15 @@ def write_samples(model: JointDiffusionTransformer, codec: TextCodec, dataset: D
     }
     (out_dir / "reports.json").write_text(json.dumps(reports, indent=2) + "\n")
     if decoder is not None:
-        from torchvision.utils import save_image
+        from generation.figures import captioned_grid
         grid = model.config.grid
+        captions = {"text_to_image": (reports["text_to_image_prompts"], "text → image: the prompt under each image"),
+                    "joint": ([r["generated"] for r in reports["joint"]], "joint samples: the generated report under each"),
+                    "real": ([it["caption"] for it in items], "real images and their reports")}
         for name, ids in (("text_to_image", t2i), ("joint", joint_image), ("real", image)):
             pixels = decoder.idx_to_img(ids.to(decoder.device), grid).cpu()
-            save_image((pixels + 1) / 2, out_dir / f"{name}.png", nrow=len(items))
+            text, title = captions[name]
+            captioned_grid((pixels + 1) / 2, text, title, out_dir / f"{name}.png", columns=len(items), min_tile=128)
     return reports
 
 
@@ -392,8 +374,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             text, image, labels = text.to(device), image.to(device), labels.to(device)
             torch.manual_seed(step_seed(args.seed, step, rank))  # dropout & label dropout of this step
             generator = torch.Generator().manual_seed(step_seed(args.seed, step, rank) + 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.lr, args.warmup_steps, args.steps)
+            set_lr(optimizer, lr_at(step, args.lr, args.warmup_steps, args.steps))
             model.train()
             with autocast():
                 parts = diffusion_loss(ddp, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
