@@ -40,6 +40,7 @@ from meditok import distributed
 from training.options import ArgumentParser, UsageError, check_field_types, check_numbers, usage_error
 from training.checkpoint_files import atomic_torch_save, checksum_path, verify_checksum
 from training.flops import peak_flops
+from training.metrics import MetricsLog
 from training.optim import adamw
 from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
@@ -194,25 +195,16 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------------
 # Logging
 
-class RunLogger:
-    """metrics.jsonl (one JSON object per logged step), a console line, and loss curves at the end."""
+class RunLogger(MetricsLog):
+    """metrics.jsonl (the shared writer), a console line per record, and loss curves at the end."""
 
     def __init__(self, out: Path, enabled: bool):
-        self.path, self.enabled = out / "metrics.jsonl", enabled
+        super().__init__(out / "metrics.jsonl", enabled)
 
     def write(self, record: Dict[str, Any], echo: bool = True) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if echo:
+        super().write(record)
+        if echo and self.enabled:
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-        if self.enabled and self.path.is_file():
-            lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-            self.path.write_text("".join(l + "\n" for l in lines))
 
     def plot(self, out_path: Path) -> Optional[Path]:
         if not self.enabled or not self.path.is_file():
@@ -375,8 +367,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         logger.truncate_after(step)
         if main_process:
             print(f"resumed from {resume_path} at step {step}", flush=True)
-    elif main_process:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        logger.truncate_after(0)  # a fresh run in a used folder starts a fresh file
     if main_process:
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_config": model.config.to_dict(),
                                                       "world_size": world}, indent=2) + "\n")

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from meditok import CheckpointError, distributed, safe_load, weights_fingerprint
 from meditok.seeding import rng_state, set_rng_state
+from training.metrics import MetricsLog
 from training.options import ArgumentParser, UsageError, check_numbers, usage_error
 from training.stopping import StopRequests
 from training.workers import shutdown_workers
@@ -318,22 +319,6 @@ def save_outputs(out: Path, model: MedITokLlava, args) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # The loop
-class MetricsLog:
-    """metrics.jsonl; on resume, lines after the resumed step are dropped so the file matches an unbroken run."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, entry: Dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-
-
 def make_optimizer(model: MedITokLlava, args):
     projector = [p for p in model.projector.parameters() if p.requires_grad]
     others = [p for n, p in trainable_parameters(model).items() if not n.startswith("projector.")]
@@ -424,7 +409,8 @@ def global_totals(run: Run, loss: float, tokens: int, samples: int) -> tuple:
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run one stage; returns a summary (steps, final loss, seconds, finished)."""
     run = prepare_run(args)
-    log = MetricsLog(run.out / "metrics.jsonl", run.step, run.rank == 0)
+    log = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
+    log.truncate_after(run.step)  # the steps after the checkpoint are logged again
     stops, stopped, batches = StopRequests(1, args.stop_after_steps or 0, f"stage {args.stage}"), "", None
     bf16 = use_bf16(args, run.device)
     start_time = window_start = time.time()

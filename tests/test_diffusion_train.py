@@ -183,3 +183,19 @@ def test_bad_values_give_one_line_and_exit_2(setup, tmp_path, capsys, flag, valu
 def test_save_every_0_saves_only_at_the_end(setup, tmp_path):
     assert diffusion_train.main(argv_for(setup, tmp_path / "run", "--save-every", "0", "--steps", "2")) == 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest.pt"]
+
+
+def test_a_resumed_run_logs_each_step_once(setup, tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold: on resume those lines are dropped and
+    logged again, so metrics.jsonl equals an unbroken run's (they used to appear twice)."""
+    run_dir = tmp_path / "run"
+    assert diffusion_train.main(argv_for(setup, run_dir, "--steps", "4", "--save-every", "2")) == 0
+    def records():  # without the timing, which differs between any two runs
+        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    straight = records()
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "latest.pt").write_bytes((checkpoints / "step_0000002.pt").read_bytes())  # killed after step 4's log
+    assert diffusion_train.main(argv_for(setup, run_dir, "--steps", "4", "--save-every", "2", "--resume", "auto")) == 0
+    assert records() == straight

@@ -2,7 +2,6 @@
 (input | reconstruction | error map), optional wandb, and loss curves at the end."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from training.metrics import MetricsLog, read_metrics
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -71,35 +72,6 @@ def _with_row_labels(canvas, labels: Sequence[str], header: int, row_height: int
     for i, text in enumerate(labels):
         draw.text((4, header + i * row_height + row_height // 2 - 5), str(text), fill="black")
     return labelled
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (survives crashes line by line)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def write(self, record: Dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Keep the records up to ``step`` (a resumed run logs the later steps again)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        from meditok import atomic_write
-        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-
-
-def read_metrics(path: Path) -> List[Dict[str, float]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def format_eta(seconds: float) -> str:

@@ -31,6 +31,7 @@ from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfi
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
 from meditok import atomic_write, distributed
+from training.metrics import MetricsLog
 from training.optim import adamw
 from training.options import ArgumentParser, UsageError, check_numbers, usage_error
 from training.schedules import cosine_lr, set_lr
@@ -362,7 +363,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
               f"{model.num_layers} blocks; {len(cache)} samples, text budget {config.text_len}, grid {config.grid}; "
               f"device {device}, world {world}, {'bf16' if use_bf16 else 'fp32'}")
     extra = {"tokenizer_fingerprint": cache.fingerprint}
-    metrics_path = out / "metrics.jsonl"
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
+    metrics.truncate_after(start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
     last: Dict[str, Any] = {}
     window: Dict[str, float] = {}
     timer, seen = time.perf_counter(), 0
@@ -394,9 +396,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 last = {"step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
                         "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                         "samples_per_s": seen / max(elapsed, 1e-9)}
+                metrics.write(last)
                 if rank == 0:
-                    with open(metrics_path, "a") as handle:
-                        handle.write(json.dumps(last) + "\n")
                     progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
                                          txt=f"{last['text_ce']:.3f}")
                 window, timer, seen = {}, time.perf_counter(), 0
