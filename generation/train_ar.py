@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 import meditok
 from meditok import distributed
-from training.options import ArgumentParser, UsageError, check_field_types, check_numbers, usage_error
+from training.options import (PRECISIONS, ArgumentParser, UsageError, check_field_types, check_numbers,
+                              resolve_config, usage_error)
 from training.checkpoint_files import atomic_torch_save, checksum_path, verify_checksum
 from training.flops import peak_flops
 from training.metrics import MetricsLog
@@ -72,7 +73,8 @@ class TrainConfig:
     ema: float = 0.0               # EMA decay (0 = off)
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16: bool = True              # autocast bf16 on GPU (always off on CPU)
+    precision: str = "auto"        # auto: bf16 autocast on a GPU, fp32 on a CPU; or fp32 / bf16
+    bf16: bool = True              # older spelling: with precision auto, false keeps a GPU in fp32
     log_every: int = 10
     eval_every: int = 100
     sample_every: int = 0          # 0 = only at the end
@@ -80,15 +82,13 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     peak_tflops: float = 0.0       # 0: look the GPU up in training.flops.PEAK_BF16_TFLOPS
-    resume: str = ""               # "auto" = the newest ckpt in `out`, or a checkpoint path
+    resume: str = ""               # "auto" = the newest ckpt in `out`, "restart" = from step 0, or a checkpoint path
 
     @classmethod
     def from_sources(cls, config_path: Optional[str], overrides: Dict[str, Any]) -> "TrainConfig":
         values: Dict[str, Any] = {}
         if config_path:
-            path = Path(config_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: config file not found (see configs/synthesis_*.json)")
+            path = resolve_config(config_path, "synthesis_")
             values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(values) - known)
@@ -101,6 +101,8 @@ class TrainConfig:
                           "sample_per_label", "save_every", "peak_tflops"),
             unit_interval=("beta1", "beta2", "ema"))
         problems += model_override_problems(values.get("model") or {})
+        if values.get("precision", "auto") not in PRECISIONS:
+            problems.append(f"--precision must be {', '.join(PRECISIONS)}, got {values['precision']!r}")
         if problems:
             raise UsageError("; ".join(problems))
         return cls(**values)
@@ -182,7 +184,7 @@ class Checkpointer:
         return path
 
     def resolve(self, resume: str) -> Optional[Path]:
-        if not resume:
+        if not resume or resume == "restart":
             return None
         if resume == "auto":
             return self.latest()
@@ -349,7 +351,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         check_same_tokenizer(train_cache, val_cache)
     data = TokenBatches(train_cache, config.batch_size, config.seed, rank, world)
     total_steps = config.max_steps or max(1, int(round(config.epochs * data.steps_per_epoch)))
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else None
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda" and config.bf16)
+    amp_dtype = torch.bfloat16 if bf16 else None
 
     model = build_model(config, train_cache).to(device)
     optimizer = make_optimizer(config, model)
@@ -504,7 +507,8 @@ def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig)
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     parser = ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="JSON file with any of the settings below (configs/synthesis_*.json)")
+    parser.add_argument("--config", help="JSON file with any of the settings below: a path or a configs/ name "
+                                         "(e.g. synthesis_tiny_cpu)")
     defaults = TrainConfig()
     helps = {
         "train_cache": "token cache to train on (python -m generation.tokenize_dataset)",
@@ -516,11 +520,12 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         "weight_decay": "AdamW weight decay (paper 0.05)", "warmup_steps": "linear lr warm-up steps (0 = none)",
         "grad_clip": "gradient-norm clip (0 = off)", "ema": "EMA decay of the weights, e.g. 0.9999 (0 = off)",
         "seed": "seed of data order, class dropout and initialisation", "device": "cuda or cpu",
-        "bf16": "bf16 autocast on GPU (true/false)", "log_every": "steps between metrics.jsonl lines",
+        "bf16": "older spelling of --precision: false keeps a GPU in fp32 under --precision auto",
+        "precision": "auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16", "log_every": "steps between metrics.jsonl lines",
         "eval_every": "steps between validation losses", "sample_every": "steps between sample grids (0 = at the end only)",
         "sample_per_label": "images per label in each sample grid", "save_every": "steps between checkpoints",
         "keep_checkpoints": "checkpoints kept", "peak_tflops": "accelerator peak for MFU (0 = look the GPU up)",
-        "resume": "'auto' (newest checkpoint in --out) or a checkpoint path", "beta1": "AdamW beta1 (0.9)",
+        "resume": "'auto' (newest checkpoint in --out), 'restart' (from step 0) or a checkpoint path", "beta1": "AdamW beta1 (0.9)",
         "beta2": "AdamW beta2 (0.95)",
     }
     for f in dataclasses.fields(TrainConfig):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from meditok import CheckpointError, distributed, safe_load, weights_fingerprint
 from meditok.seeding import rng_state, set_rng_state
 from training.metrics import MetricsLog
-from training.options import ArgumentParser, UsageError, check_numbers, usage_error
+from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
 from training.stopping import StopRequests
 from training.workers import shutdown_workers
 
@@ -99,14 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up, fraction of the steps")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    t.add_argument("--bf16", choices=("auto", "true", "false"), default="auto",
-                   help="bf16 autocast (auto: on CUDA only)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on a GPU, fp32 on a CPU; or fp32 / bf16")
+    t.add_argument("--bf16", choices=("auto", "true", "false"), default=None,
+                   help="older spelling of --precision (true = bf16, false = fp32)")
     t.add_argument("--grad-ckpt", choices=("true", "false"), default="false",
                    help="gradient checkpointing in the language model")
     t.add_argument("--seed", type=int, default=0, help="seed (data order, initial projector, LoRA)")
     t.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
-    t.add_argument("--resume", default=None, help="'auto' (the run folder's checkpoint if any) or a checkpoint path")
+    t.add_argument("--resume", default=None, help="'auto' (the run folder's checkpoint if any), 'restart' (from step "
+                                                  "0) or a checkpoint path")
     t.add_argument("--stop-after-steps", type=int, default=None,
                    help="save and stop after this many optimiser steps (to split a run; --resume auto continues)")
     t.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
@@ -118,9 +121,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        if not Path(first.config).is_file():
-            raise UsageError(f"--config {first.config}: no such file (the configs are in configs/vqa_*.json)")
-        config = json.loads(Path(first.config).read_text())
+        config = json.loads(resolve_config(first.config, "vqa_").read_text())
         stage = first.stage or config.get("stage")
         values = {k: v for k, v in config.items() if not k.startswith("stage_")}
         values.update(config.get(f"stage_{stage}", {}) if stage else {})
@@ -202,7 +203,8 @@ def trainable_parameters(model: MedITokLlava) -> Dict[str, torch.nn.Parameter]:
 
 
 def use_bf16(args: argparse.Namespace, device: torch.device) -> bool:
-    return args.bf16 == "true" or (args.bf16 == "auto" and device.type == "cuda")
+    precision = {"true": "bf16", "false": "fp32"}.get(getattr(args, "bf16", None) or "", args.precision)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def load_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler) -> in
 
 
 def resolve_resume(args, out: Path) -> Optional[Path]:
-    if not args.resume:
+    if not args.resume or args.resume == "restart":
         return None
     if args.resume == "auto":
         path = out / CHECKPOINT

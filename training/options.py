@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Sequence, Union, get_type_hints
 
 
@@ -75,9 +76,38 @@ def usage_error(prog: str, problems: Union[str, Sequence[str], BaseException]) -
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose usage errors (an unknown flag, a value of the wrong type, a missing argument) are
-    one line naming the fix (``--help`` shows the full usage), like every other bad value; exit status 2."""
+    """argparse's parser with the project's command-line convention: flags are kebab-case (``--batch-size``) and
+    the snake_case spelling (``--batch_size``, as in config files) is accepted for each of them; usage errors (an
+    unknown flag, a value of the wrong type, a missing argument) are one line naming the fix (``--help`` shows the
+    full usage), like every other bad value; exit status 2."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._kebab_case(token) for token in args], namespace)
+
+    def _kebab_case(self, token: str) -> str:
+        if not isinstance(token, str) or not token.startswith("--") or "_" not in token.partition("=")[0]:
+            return token
+        flag, equals, value = token.partition("=")
+        kebab = flag.replace("_", "-")
+        if flag not in self._option_string_actions and kebab in self._option_string_actions:
+            return kebab + equals + value
+        return token
 
     def error(self, message: str):
         usage_error(self.prog, message)
         sys.exit(2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on a GPU, fp32 on a CPU
+
+
+def resolve_config(name: str, family: str = "") -> Path:
+    """A config file from ``--config NAME|PATH``: the path itself, or ``configs/NAME.json`` (relative to the
+    working directory or the repository). ``family`` (e.g. "synthesis_") only shapes the error's list."""
+    for candidate in (Path(name), REPO / name, REPO / "configs" / name, REPO / "configs" / f"{name}.json"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in (REPO / "configs").glob(f"{family}*.json"))
+    raise UsageError(f"--config {name}: no such file or configs/ name (available: {', '.join(available)})")

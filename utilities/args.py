@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
 from meditok.config import PRESETS
-from training.options import ArgumentParser, check_numbers
+from training.options import PRECISIONS, ArgumentParser, check_numbers, resolve_config
 from meditok.model import MedITok
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ class Args:
             problems.append(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             problems.append(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.contrast_same_targets not in ("negative", "masked"):
             problems.append(f"--contrast-same-targets must be negative or masked, got {self.contrast_same_targets!r}")
@@ -241,15 +241,6 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def resolve_config_path(name: str) -> Path:
-    """`configs/x.json`, `x.json` or `x` (looked up in configs/)."""
-    for cand in (Path(name), ROOT / name, ROOT / "configs" / name, ROOT / "configs" / f"{name}.json"):
-        if cand.is_file():
-            return cand
-    available = sorted(p.stem for p in (ROOT / "configs").glob("*.json"))
-    raise FileNotFoundError(f"config {name!r} not found (looked in ./ and configs/); available: {available}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags are kebab-case (``--batch-size``) like every other CLI of the project; the snake_case spelling
     (``--batch_size``) is accepted as an alias. A bool flag alone means true (``--deterministic``); an
@@ -276,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs.update(type=hint)
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        names += ["--out"] if f.name == "output_dir" else []  # the run-folder flag of every other command
         parser.add_argument(*names, **kwargs)
     for old in DEPRECATED_SWITCHES:  # hidden: old commands keep working, with a deprecation message
         parser.add_argument(f"--{old}", f"--{old.replace('_', '-')}", dest=old, default=None, type=_parse_bool,
@@ -317,7 +309,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     values: Dict[str, Any] = dict(defaults or {})
     try:
         if ns.config:
-            path = resolve_config_path(ns.config)
+            path = resolve_config(ns.config, "stage")
             try:
                 config = json.loads(path.read_text())
             except json.JSONDecodeError as e:

@@ -33,7 +33,7 @@ from generation.text import TextCodec, load_text_tokenizer
 from meditok import atomic_write, distributed
 from training.metrics import MetricsLog
 from training.optim import adamw
-from training.options import ArgumentParser, UsageError, check_numbers, usage_error
+from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
 from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
 from training.workers import shutdown_workers
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the joint image–report masked-diffusion model over MedITok token ids. Values in "
                     "--config (JSON, keys are these flags with '_' for '-') are defaults; flags override them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None, help="JSON file of defaults, e.g. configs/diffusion_tiny_cpu.json")
+    p.add_argument("--config", default=None, help="JSON file of defaults: a path or a configs/ name (e.g. "
+                                                   "diffusion_tiny_cpu)")
     d = p.add_argument_group("data")
     d.add_argument("--cache", default=None, help="token cache folder (python -m generation.tokenize_dataset)")
     d.add_argument("--text-tokenizer", default=None,
@@ -72,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--schedule", default="loglinear", choices=SCHEDULES, help="masking schedule α(t)")
     o.add_argument("--text-weight", type=float, default=1.0, help="λ in L_image + λ·L_text")
     o.add_argument("--task-mix", default="1,1,1", help="relative probabilities of joint, image|text, text|image")
-    o.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    o.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/diffusion", help="run folder")
-    r.add_argument("--resume", default="none", help="'auto' (latest.pt in --out if any), a checkpoint path, or 'none'")
+    r.add_argument("--resume", default="", help="'auto' (latest.pt in --out if any), 'restart' (from step 0; also "
+                                                "'' or 'none'), or a checkpoint path")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument("--save-every", type=int, default=100, help="keep a numbered checkpoint every N steps (latest.pt "
@@ -97,9 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        path = Path(pre.config)
-        if not path.is_file():
-            parser.error(f"--config {path} does not exist")
+        path = resolve_config(pre.config, "diffusion_")
         values = json.loads(path.read_text())
         known = {a.dest for a in parser._actions}
         unknown = sorted(k for k in values if k.replace("-", "_") not in known)
@@ -239,7 +239,7 @@ def save_checkpoint(path: Path, model: JointDiffusionTransformer, optimizer, ste
 
 
 def resolve_resume(resume: str, out: Path) -> Optional[Path]:
-    if resume in (None, "", "none"):
+    if resume in (None, "", "none", "restart"):
         return None
     if resume == "auto":
         latest = out / "checkpoints" / "latest.pt"
