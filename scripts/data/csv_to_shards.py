@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, help="folder the identifiers are relative to")
     parser.add_argument(
-        "--out-dir", type=Path, required=True, help="folder for the shards and index.json"
+        "--out", "--out-dir", dest="out_dir", type=Path, required=True, help="folder for the shards and index.json"
     )
     parser.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)"

@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--out-dir",
+        "--out", "--out-dir", dest="out_dir",
         type=Path,
         default=REPO_ROOT / "datasets" / "examples",
         help="folder for the images; CSV identifiers are relative to it",

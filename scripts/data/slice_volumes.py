@@ -101,7 +101,7 @@ def parse_args(argv):
     parser.add_argument(
         "--sep", default=",", help="separator of --input-csv (default: %(default)s)"
     )
-    parser.add_argument("--out-dir", type=Path, required=True, help="where PNGs and the CSV go")
+    parser.add_argument("--out", "--out-dir", dest="out_dir", type=Path, required=True, help="where PNGs and the CSV go")
     parser.add_argument(
         "--csv-out", type=Path, help="metadata CSV to write (default: <out-dir>/slices.csv)"
     )
