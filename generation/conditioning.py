@@ -3,8 +3,10 @@
 Labels 0..num_labels-1 are real classes (e.g. the six MedMNIST modalities of the paper's Table 3);
 index ``num_labels`` is the *null* label. During training a fraction ``dropout_prob`` of the labels is
 replaced by the null label, so the same network also learns the unconditional distribution; at
-sampling time :func:`guided_logits` mixes the two predictions (Ho & Salimans, "Classifier-Free
-Diffusion Guidance", 2022; LlamaGen uses the same recipe for its class token).
+sampling time :func:`generation.guidance.cfg_combine` mixes the two predictions (Ho & Salimans,
+"Classifier-Free Diffusion Guidance", 2022; LlamaGen uses the same recipe for its class token).
+``guided_logits`` and ``check_cfg_scale`` are re-exported from :mod:`generation.guidance` under their old
+names.
 """
 from __future__ import annotations
 
@@ -12,6 +14,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from .guidance import cfg_combine, check_cfg_scale
+
+# the old name of the AR sampler's combination; one formula for every sampler now lives in guidance.py
+guided_logits = cfg_combine
+
+__all__ = ["LabelEmbedding", "guided_logits", "cfg_combine", "check_cfg_scale"]
 
 
 class LabelEmbedding(nn.Module):
@@ -63,14 +72,3 @@ class LabelEmbedding(nn.Module):
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         self.check(labels)
         return self.table(labels).view(labels.shape[0], self.num_tokens, self.dim)
-
-
-def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + scale · (cond − uncond)`` (scale 1 = conditional only, 0 = unconditional)."""
-    check_cfg_scale(scale)
-    return unconditional + scale * (conditional - unconditional)
-
-
-def check_cfg_scale(scale: Optional[float]) -> None:
-    if scale is not None and not scale >= 0:
-        raise ValueError(f"CFG scale must be >= 0 (1 = no guidance, >1 = stronger conditioning), got {scale}")

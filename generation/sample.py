@@ -1,5 +1,6 @@
-"""Sampling from an :class:`~generation.ar_model.ARGenerator`: static KV cache, temperature / top-k / top-p,
-classifier-free guidance, seeded; and the CLI that decodes samples with the tokenizer.
+"""Sampling from an :class:`~generation.ar_model.ARGenerator`: static KV cache, temperature / top-k / top-p
+(:mod:`generation.sampling`), classifier-free guidance (:mod:`generation.guidance`), seeded; and the CLI that
+decodes samples with the tokenizer.
 
 Example::
 
@@ -28,49 +29,9 @@ import numpy as np
 import torch
 
 from .ar_model import ARGenerator, KVCache, load_generator
-from .conditioning import check_cfg_scale, guided_logits
-
-
-# --------------------------------------------------------------------------------------------------
-# Choosing a code from logits
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits [B, V] → logits with everything outside the top-k / nucleus (top-p) set to −inf."""
-    if top_k and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        remove_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def choose(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0) -> torch.Tensor:
-    """Sample one code per row by inverting the CDF at ``uniform`` ([B] in [0, 1)); temperature 0 = argmax.
-
-    logits [B, V] (any float dtype; computed in float32) → codes [B] int64.
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    cdf = probs.cumsum(-1)
-    codes = torch.searchsorted(cdf, (uniform.to(cdf) * cdf[:, -1])[:, None]).squeeze(-1)
-    return codes.clamp_(max=logits.shape[-1] - 1)
-
-
-def check_sampling_args(temperature: float, top_k: int, top_p: float, cfg_scale: Optional[float]) -> None:
-    check_cfg_scale(cfg_scale)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+from .guidance import cfg_combine, guidance_on
+# choosing a code: shared with the diffusion sampler; importable from here under the old names
+from .sampling import check_sampling_args, choose, filter_logits  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +68,8 @@ def generate(model: ARGenerator, labels: torch.Tensor, *, temperature: float = 1
     Args:
         labels: [B] int64 label ids (0..num_labels-1; num_labels = the null label, i.e. unconditional).
         temperature, top_k, top_p: as usual (temperature 1, no top-k / top-p = the paper's setting).
-        cfg_scale: None = no guidance (the paper); else ``uncond + s·(cond − uncond)`` at every code (s >= 0).
+        cfg_scale: None or 1.0 = no guidance (the paper; one pass); else ``uncond + s·(cond − uncond)`` at every
+            code (s >= 0; :mod:`generation.guidance`).
         generator: torch.Generator on the model's device for the uniform draws (seeded by the caller).
         use_cache: static KV cache (default) or full recomputation at every position (same ids).
         amp_dtype: e.g. torch.bfloat16 to run under autocast on GPU.
@@ -120,7 +82,7 @@ def generate(model: ARGenerator, labels: torch.Tensor, *, temperature: float = 1
     labels = labels.to(device)
     model.condition.check(labels)
     B, K, L = labels.shape[0], model.K, model.L
-    guided = cfg_scale is not None
+    guided = guidance_on(cfg_scale)
     trunk_labels = torch.cat([labels, torch.full_like(labels, model.condition.null_label)]) if guided else labels
     ids = torch.zeros(B, K, L, dtype=torch.long, device=device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -133,7 +95,7 @@ def generate(model: ARGenerator, labels: torch.Tensor, *, temperature: float = 1
                 both = codes.repeat(2, 1) if guided else codes
                 logits = model.head.codebook_logits(state, both, k).float()
                 if guided:
-                    logits = guided_logits(logits[:B], logits[B:], cfg_scale)
+                    logits = cfg_combine(logits[:B], logits[B:], cfg_scale)
                 code = choose(logits, uniform[k], temperature, top_k, top_p)
                 codes = torch.cat([codes, code[:, None]], dim=1)
             ids[:, :, t] = codes
@@ -243,7 +205,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0 = off, default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off, default)")
     parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="classifier-free guidance scale >= 0 (default off, as in the paper; 1 = conditional only)")
+                        help="classifier-free guidance scale >= 0 (default off, as in the paper; 1 = off too, 0 = unconditional)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", required=True, help="folder for grid_<label>.png and samples.npz")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--method", default="confidence", choices=METHODS)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="draw only among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale >= 0 (1 = none, one forward pass per step; 0 = unconditional)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/diffusion_samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
+    options = SamplerOptions(steps=args.steps, method=args.method, temperature=args.temperature,
+                             cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p)  # bad values: before loading
     device = torch.device(args.device)
     model, codec, payload = load_for_inference(args.checkpoint, device)
     names = model.config.condition_names
@@ -71,8 +76,6 @@ def run(args: argparse.Namespace) -> dict:
         from meditok import load_meditok
         decoder = load_meditok(decoder_source).to(device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    options = SamplerOptions(steps=args.steps, method=args.method, temperature=args.temperature,
-                             cfg_scale=args.cfg_scale)
     texts, images, prompts, labels_out, seconds = [], [], [], [], 0.0
     for start in range(0, args.num, args.batch_size):
         b = min(args.batch_size, args.num - start)
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
     ids = torch.cat(images)
     torch.save(ids, out_dir / f"{args.task}_ids.pt")
     record = {"task": args.task, "labels": labels_out, "steps": args.steps, "method": args.method,
-              "cfg_scale": args.cfg_scale, "seconds": seconds}
+              "cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+              "seconds": seconds}
     if args.task == "text_to_image":
         record["prompts"] = prompts
     if args.task == "image_to_text":

@@ -10,9 +10,12 @@ t = 1 − i/N to s = 1 − (i+1)/N:
   value drawn from p_θ.
 
 Given (conditioning) tokens and already-revealed tokens are never changed; after the last step no mask
-is left. Classifier-free guidance: logits = u + w·(c − u), where c is the conditional prediction and u
-the prediction with the null label and the conditioning part fully masked (w = 1: no guidance, one
-forward pass per step).
+is left. Classifier-free guidance (:mod:`generation.guidance`, shared with the AR sampler): logits =
+u + w·(c − u), where c is the conditional prediction and u the prediction with the null label and the
+conditioning part fully masked (w = 1 or None: no guidance, one forward pass per step). Draws: Gumbel-max
+over ``filter_logits(logits / T, top_k, top_p)`` (:mod:`generation.sampling`, shared with the AR sampler;
+top-k 0 and top-p 1, the defaults, are off); the confidence of a drawn token is its log-probability under
+the model's untempered, unfiltered distribution.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from generation.diffusion.masking import MaskSchedule
+from generation.guidance import cfg_combine, guidance_on
+from generation.sampling import check_sampling_args, gumbel_choose
 
 METHODS = ("confidence", "ancestral")
 SAMPLE_TASKS = ("text_to_image", "image_to_text", "joint")
@@ -33,8 +38,10 @@ class SamplerOptions:
     steps: int = 16
     method: str = "confidence"
     temperature: float = 1.0
-    cfg_scale: float = 1.0
+    cfg_scale: Optional[float] = 1.0   # 1.0 or None = no guidance (generation/guidance.py)
     schedule: str = "loglinear"
+    top_k: int = 0                     # 0 = off
+    top_p: float = 1.0                 # 1 = off
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,19 +50,20 @@ class SamplerOptions:
             raise ValueError(f"steps={self.steps} must be ≥ 1")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be ≥ 0 (0 = greedy)")
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale)
 
 
-def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: u + scale·(c − u)."""
-    return uncond + scale * (cond - uncond)
+# the old name of the combination; the one formula for every sampler is generation.guidance.cfg_combine
+combine_guidance = cfg_combine
 
 
-def guided_logits(model, text_ids, image_ids, t_text, t_image, labels, cfg_scale: float,
-                  condition_part: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(text logits [B, Lt, V], image logits [B, 8, N, K]) with CFG. ``condition_part`` ('text' or
-    'image' or None) is masked out in the unconditional branch."""
+def guided_model_logits(model, text_ids, image_ids, t_text, t_image, labels, cfg_scale: Optional[float],
+                        condition_part: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(text logits [B, Lt, V], image logits [B, 8, N, K]) with CFG: runs the model once (guidance off:
+    ``cfg_scale`` None or 1.0) or twice, and combines with :func:`generation.guidance.cfg_combine`.
+    ``condition_part`` ('text' or 'image' or None) is masked out in the unconditional branch."""
     cond = model(text_ids, image_ids, t_text, t_image, labels)
-    if cfg_scale == 1.0:
+    if not guidance_on(cfg_scale):
         return cond
     cfg = model.config
     u_text, u_image, ut_text, ut_image = text_ids, image_ids, t_text, t_image
@@ -65,21 +73,27 @@ def guided_logits(model, text_ids, image_ids, t_text, t_image, labels, cfg_scale
         u_image, ut_image = torch.full_like(image_ids, cfg.image_mask_id), torch.ones_like(t_image)
     null = torch.full_like(labels, model.null_label)
     uncond = model(u_text, u_image, ut_text, ut_image, null)
-    return combine_guidance(cond[0], uncond[0], cfg_scale), combine_guidance(cond[1], uncond[1], cfg_scale)
+    return cfg_combine(cond[0], uncond[0], cfg_scale), cfg_combine(cond[1], uncond[1], cfg_scale)
 
 
-def draw(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]
-         ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """logits [..., V] → (ids [...], log-prob of the drawn id [...]); temperature 0 = argmax.
+# the old name (kept for callers and tests that use it)
+guided_logits = guided_model_logits
 
-    Draws by the Gumbel-max trick (argmax of logits/T + Gumbel noise) on the logits' device; ``generator``,
-    when given, must live on that device too."""
+
+def draw(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator], top_k: int = 0,
+         top_p: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., V] → (ids [...], log-prob of the drawn id [...] under the untempered, unfiltered
+    distribution); temperature 0 = argmax.
+
+    Draws by the Gumbel-max trick (:func:`generation.sampling.gumbel_choose`: argmax of filtered logits/T +
+    Gumbel noise, one uniform per logit) on the logits' device; ``generator``, when given, must live on that
+    device too."""
     logp = F.log_softmax(logits.float(), dim=-1)
     if temperature == 0:
         ids = logp.argmax(dim=-1)
     else:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
-        ids = (logits.float() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+        ids = gumbel_choose(logits, u, temperature, top_k, top_p)
     return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -141,16 +155,16 @@ def sample(model, *, task: str, labels: torch.Tensor, text_ids: Optional[torch.T
     for i in range(options.steps):
         t, s = 1.0 - i / options.steps, 1.0 - (i + 1) / options.steps
         t_vec = torch.full((b,), t, device=device)
-        text_logits, image_logits = guided_logits(
+        text_logits, image_logits = guided_model_logits(
             model, text_ids, image_ids, t_vec if gen_text else zeros, t_vec if gen_image else zeros,
             labels, options.cfg_scale, condition_part)
         if gen_text:
-            ids, logp = draw(text_logits, options.temperature, generator)
+            ids, logp = draw(text_logits, options.temperature, generator, options.top_k, options.top_p)
             reveal = _reveal(text_mask, logp, n_text, schedule, t, s, options.method, generator)
             text_ids = torch.where(reveal, ids, text_ids)
             text_mask = text_mask & ~reveal
         if gen_image:
-            ids, logp = draw(image_logits, options.temperature, generator)  # [B, 8, N]
+            ids, logp = draw(image_logits, options.temperature, generator, options.top_k, options.top_p)  # [B, 8, N]
             reveal = _reveal(image_mask, logp.sum(dim=1), n_image, schedule, t, s, options.method, generator)
             image_ids = torch.where(reveal[:, None, :], ids, image_ids)
             image_mask = image_mask & ~reveal
