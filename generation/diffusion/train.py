@@ -309,14 +309,46 @@ def load_decoder(source: Optional[str], cache, device: torch.device):
 # The loop
 
 @dataclass
-class RunState:
-    step: int = 0
+class Run:
+    """Everything the loop works on, built by :func:`prepare_run`."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    cache: Any
+    codec: TextCodec
+    config: DiffusionConfig
+    model: JointDiffusionTransformer
+    trained: torch.nn.Module            # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    start: int                          # the step to continue from (0 for a fresh run)
+    bf16: bool
+
+    @property
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"tokenizer_fingerprint": self.cache.fingerprint}
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
+def resumed_payload(args: argparse.Namespace, config: DiffusionConfig, cache) -> Optional[Dict[str, Any]]:
+    """The checkpoint ``--resume`` names (None for a fresh run), checked against this run's model and cache."""
+    resume_path = resolve_resume(args.resume, Path(args.out))
+    if resume_path is None:
+        return None
+    payload = load_checkpoint(resume_path)
+    check_same_architecture(config_from_checkpoint(payload, str(resume_path)), config, str(resume_path))
+    if payload.get("tokenizer_fingerprint") not in (None, cache.fingerprint):
+        raise DiffusionConfigError(f"{resume_path} was trained on ids of another MedITok (fingerprint "
+                                   f"{payload['tokenizer_fingerprint'][:16]}) than the cache {cache.path} "
+                                   f"({cache.fingerprint[:16]}); resume with the same cache")
+    payload["_path"] = str(resume_path)
+    return payload
+
+
+def prepare_run(args: argparse.Namespace) -> Run:
+    """Process group, cache, caption codec, model and optimiser (restored from ``--resume``), run folder."""
     device = distributed.init_distributed(args.device)
     rank, world = distributed.rank(), distributed.world_size()
-    out = Path(args.out)
     cache = open_cache(args.cache)
     if args.text_tokenizer is None:
         if args.preset == "hf" and args.backbone:
@@ -324,19 +356,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         else:
             raise DiffusionConfigError("--text-tokenizer is required for from-scratch presets (a local HF tokenizer "
                                        "folder; make one with python -m generation.diffusion.make_tokenizer)")
-    text_len = args.text_len or (PRESETS[args.preset].text_len)
-    codec = TextCodec(load_text_tokenizer(args.text_tokenizer), text_len)
-    codebook_size = cache_codebook_size(cache)
-    config = model_config(args, codec, cache.grid, codebook_size, cache.num_codebooks, cache.label_names)
-
-    resume_path = resolve_resume(args.resume, out)
-    payload = load_checkpoint(resume_path) if resume_path is not None else None
-    if payload is not None:
-        check_same_architecture(config_from_checkpoint(payload, str(resume_path)), config, str(resume_path))
-        if payload.get("tokenizer_fingerprint") not in (None, cache.fingerprint):
-            raise DiffusionConfigError(f"{resume_path} was trained on ids of another MedITok (fingerprint "
-                                       f"{payload['tokenizer_fingerprint'][:16]}) than the cache {cache.path} "
-                                       f"({cache.fingerprint[:16]}); resume with the same cache")
+    codec = TextCodec(load_text_tokenizer(args.text_tokenizer), args.text_len or PRESETS[args.preset].text_len)
+    config = model_config(args, codec, cache.grid, cache_codebook_size(cache), cache.num_codebooks, cache.label_names)
+    payload = resumed_payload(args, config, cache)
     torch.manual_seed(args.seed)
     model = JointDiffusionTransformer(config).to(device)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
@@ -346,86 +368,128 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         optimizer.load_state_dict(payload["optimizer"])
         start = int(payload["step"])
         if rank == 0:
-            print(f"[diffusion] resumed from {resume_path} at step {start}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    sampler = StepBatchSampler(len(cache), args.batch_size, args.seed, rank, world, start, args.steps)
-    loader = DataLoader(cache, batch_sampler=sampler, collate_fn=CaptionCollate(codec), num_workers=args.num_workers)
-    schedule = MaskSchedule(args.schedule)
-    mix = TaskMix(*[float(v) for v in str(args.task_mix).split(",")])
+            print(f"[diffusion] resumed from {payload['_path']} at step {start}")
+    trained = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    run = Run(args, device, rank, world, Path(args.out), cache, codec, config, model, trained, optimizer, start, bf16)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2) + "\n")
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2)
+                                             + "\n")
         print(f"[diffusion] {config.preset} model, {model.num_parameters() / 1e6:.2f} M parameters, "
               f"{model.num_layers} blocks; {len(cache)} samples, text budget {config.text_len}, grid {config.grid}; "
-              f"device {device}, world {world}, {'bf16' if use_bf16 else 'fp32'}")
-    extra = {"tokenizer_fingerprint": cache.fingerprint}
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
-    metrics.truncate_after(start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
-    last: Dict[str, Any] = {}
-    window: Dict[str, float] = {}
-    timer, seen = time.perf_counter(), 0
+              f"device {device}, world {world}, {'bf16' if bf16 else 'fp32'}")
+    return run
+
+
+def step_batches(run: Run) -> DataLoader:
+    """(text, image, labels) of every remaining step, in the order a run from step 0 would see them."""
+    args = run.args
+    sampler = StepBatchSampler(len(run.cache), args.batch_size, args.seed, run.rank, run.world, run.start, args.steps)
+    return DataLoader(run.cache, batch_sampler=sampler, collate_fn=CaptionCollate(run.codec),
+                      num_workers=args.num_workers)
+
+
+def train_step(run: Run, step: int, text: torch.Tensor, image: torch.Tensor, labels: torch.Tensor,
+               schedule: MaskSchedule, mix: TaskMix) -> tuple:
+    """One optimiser step on this rank's batch of ``step``; returns (loss parts, gradient norm). Its dropout,
+    label dropout and masks are drawn from seeds of (seed, step, rank) only, so a resumed run repeats it exactly."""
+    args = run.args
+    text, image, labels = text.to(run.device), image.to(run.device), labels.to(run.device)
+    torch.manual_seed(step_seed(args.seed, step, run.rank))  # dropout & label dropout of this step
+    generator = torch.Generator().manual_seed(step_seed(args.seed, step, run.rank) + 1)
+    set_lr(run.optimizer, lr_at(step, args.lr, args.warmup_steps, args.steps))
+    run.model.train()
+    with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext():
+        parts = diffusion_loss(run.trained, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
+                               generator=generator)
+    run.optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    return parts, grad_norm
+
+
+class LossWindow:
+    """Means of the loss parts over the steps since the last logged one, and the samples/s over them."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.steps, self.samples, self.began = 0, 0, time.perf_counter()
+
+    def add(self, parts: Dict[str, torch.Tensor], samples: int) -> None:
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self.steps, self.samples = self.steps + 1, self.samples + samples
+
+    def record(self, step: int, grad_norm: torch.Tensor, lr: float) -> Dict[str, Any]:
+        """The metrics.jsonl record of ``step``; starts a new window."""
+        elapsed = time.perf_counter() - self.began
+        record = {"step": step, **{k: v / self.steps for k, v in self.sums.items()}, "grad_norm": float(grad_norm),
+                  "lr": lr, "samples_per_s": self.samples / max(elapsed, 1e-9)}
+        self.__init__()
+        return record
+
+
+def save_and_sample(run: Run, step: int, stopped: str) -> None:
+    """Rank 0: ``latest.pt`` (and a numbered copy every --save-every) at those steps, at the end and on a stop;
+    samples every --sample-every steps and at the end."""
+    args = run.args
+    if run.rank != 0:
+        return
+    numbered = bool(args.save_every) and step % args.save_every == 0
+    if numbered or step == args.steps or stopped:
+        save_checkpoint(run.out / "checkpoints" / "latest.pt", run.model, run.optimizer, step, args,
+                        run.checkpoint_extra)
+        if numbered:
+            save_checkpoint(run.out / "checkpoints" / f"step_{step:07d}.pt", run.model, run.optimizer, step, args,
+                            run.checkpoint_extra)
+    if not stopped and args.num_samples and ((args.sample_every and step % args.sample_every == 0)
+                                             or step == args.steps):
+        decoder = load_decoder(args.meditok, run.cache, run.device)
+        write_samples(run.model, run.codec, run.cache, run.out / "samples" / f"step_{step:07d}", args.num_samples,
+                      args.sample_steps, args.seed, decoder)
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run (or resume) training; returns the last logged record, the step reached and the exit status."""
     from tqdm import tqdm
-    progress = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="diffusion", dynamic_ncols=True)
-    step, stops, stopped, batches = start, StopRequests(args.log_every, 0, "diffusion"), "", iter(loader)
+    run = prepare_run(args)
+    schedule, mix = MaskSchedule(args.schedule), TaskMix(*[float(v) for v in str(args.task_mix).split(",")])
+    metrics = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
+    metrics.truncate_after(run.start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
+    progress = tqdm(total=args.steps, initial=run.start, disable=run.rank != 0, desc="diffusion", dynamic_ncols=True)
+    step, stops, stopped, last, window = run.start, StopRequests(args.log_every, 0, "diffusion"), "", {}, LossWindow()
+    batches = iter(step_batches(run))
     try:
         for text, image, labels in batches:
-            text, image, labels = text.to(device), image.to(device), labels.to(device)
-            torch.manual_seed(step_seed(args.seed, step, rank))  # dropout & label dropout of this step
-            generator = torch.Generator().manual_seed(step_seed(args.seed, step, rank) + 1)
-            set_lr(optimizer, lr_at(step, args.lr, args.warmup_steps, args.steps))
-            model.train()
-            with autocast():
-                parts = diffusion_loss(ddp, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
-                                       generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
+            parts, grad_norm = train_step(run, step, text, image, labels, schedule, mix)
             step += 1
-            seen += text.shape[0] * world
-            for key, value in parts.items():
-                window[key] = window.get(key, 0.0) + float(value.detach())
-            window["n"] = window.get("n", 0) + 1
+            window.add(parts, text.shape[0] * run.world)
             progress.update(1)
             if step % args.log_every == 0 or step == args.steps:
-                elapsed = time.perf_counter() - timer
-                last = {"step": step, **{k: v / window["n"] for k, v in window.items() if k != "n"},
-                        "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
-                        "samples_per_s": seen / max(elapsed, 1e-9)}
+                last = window.record(step, grad_norm, run.optimizer.param_groups[0]["lr"])
                 metrics.write(last)
-                if rank == 0:
-                    progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
-                                         txt=f"{last['text_ce']:.3f}")
-                window, timer, seen = {}, time.perf_counter(), 0
-            stopped = stops.should_stop(step, args.steps, device)
-            numbered = bool(args.save_every) and step % args.save_every == 0
-            if rank == 0 and (numbered or step == args.steps or stopped):
-                save_checkpoint(out / "checkpoints" / "latest.pt", model, optimizer, step, args, extra)
-                if numbered:
-                    save_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt", model, optimizer, step, args, extra)
+                progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
+                                     txt=f"{last['text_ce']:.3f}")
+            stopped = stops.should_stop(step, args.steps, run.device)
+            save_and_sample(run, step, stopped)
             if stopped:
                 break
-            if rank == 0 and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
-                decoder = load_decoder(args.meditok, cache, device) if args.num_samples else None
-                if args.num_samples:
-                    write_samples(model, codec, cache, out / "samples" / f"step_{step:07d}", args.num_samples,
-                                  args.sample_steps, args.seed, decoder)
     finally:
         shutdown_workers(batches)  # workers ignore SIGTERM: the interpreter would wait for them forever
         progress.close()  # before any message, so none is printed onto the bar's line
         stops.close()
-    if stopped and rank == 0:
+    if run.rank == 0 and stopped:
         print(f"[diffusion] stopped ({stopped}) at step {step}/{args.steps}: checkpoint saved; `--resume auto --out "
-              f"{out}` continues from here", flush=True)
-    if codec.truncated and rank == 0:
-        print(f"[diffusion] {codec.truncated} of {codec.seen} captions were truncated to {config.text_len} tokens")
+              f"{run.out}` continues from here", flush=True)
+    if run.rank == 0 and run.codec.truncated:
+        print(f"[diffusion] {run.codec.truncated} of {run.codec.seen} captions were truncated to "
+              f"{run.config.text_len} tokens")
     distributed.barrier()
     distributed.cleanup()
-    return {"step": step, "last": last, "truncated": codec.truncated, "stopped": stopped,
+    return {"step": step, "last": last, "truncated": run.codec.truncated, "stopped": stopped,
             "exit_code": stops.final_exit_code(stopped)}
 
 
