@@ -30,8 +30,8 @@ import torch
 
 from .ar_model import ARGenerator, KVCache, load_generator
 from .guidance import cfg_combine, guidance_on
-# choosing a code: shared with the diffusion sampler; importable from here under the old names
-from .sampling import check_sampling_args, choose, filter_logits  # noqa: F401
+# choosing a code: shared with the diffusion sampler (generation/sampling.py)
+from .sampling import check_sampling_args, choose
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ import torch
 
 from generation.ar_model import AR_PRESETS, ARGenerator, generator_payload, get_ar_config, load_generator
 from generation.conditioning import LabelEmbedding, guided_logits
-from generation.sample import choose, filter_logits, generate
+from generation.sample import generate
+from generation.sampling import choose, filter_logits
 
 V = 32            # a small codebook keeps the tests fast; the layout is the real one (8 codebooks × h·w)
 GRID = (3, 3)
