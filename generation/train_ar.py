@@ -336,12 +336,46 @@ def cache_description(cache: TokenCache) -> Dict[str, Any]:
             "img_size": cache.img_size}
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Run (or resume) training; returns the summary also written to ``out/summary.json`` (rank 0)."""
+@dataclass
+class Run:
+    """Everything the loop works on, built by :func:`prepare_run`."""
+    config: TrainConfig
+    device: torch.device
+    main_process: bool
+    out: Path
+    train_cache: TokenCache
+    val_cache: Optional[TokenCache]
+    data: TokenBatches
+    total_steps: int
+    amp_dtype: Optional[torch.dtype]
+    model: ARGenerator
+    trained: torch.nn.Module            # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    ema: Any                            # AveragedModel or None
+    checkpointer: Checkpointer
+    logger: RunLogger
+    step: int = 0
+
+    @property
+    def evaluated(self) -> ARGenerator:
+        """The weights validation and samples use: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def payload(self) -> Dict[str, Any]:
+        ema = self.ema
+        return generator_payload(self.model, ema=None if ema is None else ema.module.state_dict(),
+                                 ema_updates=None if ema is None else int(ema.n_averaged),
+                                 optimizer=self.optimizer.state_dict(), step=self.step,
+                                 label_names=self.train_cache.label_names,
+                                 token_cache=cache_description(self.train_cache),
+                                 train_config=dataclasses.asdict(self.config))
+
+
+def prepare_run(config: TrainConfig) -> Run:
+    """Process group, caches, batches, model, optimiser and EMA (restored from ``--resume``), the run files."""
     device = distributed.init_distributed(config.device)
     rank, world = distributed.rank(), distributed.world_size()
-    out = Path(config.out)
-    main_process = rank == 0
+    out, main_process = Path(config.out), rank == 0
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -352,8 +386,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     data = TokenBatches(train_cache, config.batch_size, config.seed, rank, world)
     total_steps = config.max_steps or max(1, int(round(config.epochs * data.steps_per_epoch)))
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda" and config.bf16)
-    amp_dtype = torch.bfloat16 if bf16 else None
-
     model = build_model(config, train_cache).to(device)
     optimizer = make_optimizer(config, model)
     ema = None
@@ -361,97 +393,114 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-    checkpointer = Checkpointer(out, config.keep_checkpoints)
-    logger = RunLogger(out, main_process)
-    step = 0
-    resume_path = checkpointer.resolve(config.resume)
+    run = Run(config, device, main_process, out, train_cache, val_cache, data, total_steps,
+              torch.bfloat16 if bf16 else None, model, model, optimizer, ema,
+              Checkpointer(out, config.keep_checkpoints), RunLogger(out, main_process))
+    resume_path = run.checkpointer.resolve(config.resume)
     if resume_path is not None:
-        step = restore(resume_path, model, optimizer, ema, config)
-        logger.truncate_after(step)
+        run.step = restore(resume_path, model, optimizer, ema, config)
         if main_process:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
-    else:
-        logger.truncate_after(0)  # a fresh run in a used folder starts a fresh file
+            print(f"resumed from {resume_path} at step {run.step}", flush=True)
+    run.logger.truncate_after(run.step)  # the steps after the checkpoint are logged again (a fresh run: none kept)
     if main_process:
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_config": model.config.to_dict(),
                                                       "world_size": world}, indent=2) + "\n")
         if val_cache is not None:
             (out / "baselines.json").write_text(json.dumps(unigram_baselines(train_cache, val_cache), indent=2) + "\n")
-    trained = model
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1:  # wrapped after the restore, as DDP broadcasts rank 0's weights when it is built
+        run.trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    ids0, labels0 = data.batch(0)
-    flops_per_image = count_training_flops(model, ids0[:1].to(device), labels0[:1].to(device))
-    peak = peak_flops(device, config.peak_tflops, bf16=amp_dtype is not None)
-    grids = SampleGrids(train_cache, device, config.sample_per_label) if main_process else None
 
-    def payload() -> Dict[str, Any]:
-        return generator_payload(model, ema=None if ema is None else ema.module.state_dict(),
-                                 ema_updates=None if ema is None else int(ema.n_averaged), optimizer=optimizer.state_dict(),
-                                 step=step, label_names=train_cache.label_names, token_cache=cache_description(train_cache),
-                                 train_config=dataclasses.asdict(config))
+class ThroughputLog:
+    """The metrics.jsonl record of a logged step: loss, lr, images/s, tokens/s, counted TFLOP/s and MFU over the
+    steps since the last one."""
 
-    model.train()
-    began, images_since, last_log = time.perf_counter(), 0, time.perf_counter()
-    stops, stopped = StopRequests(config.log_every, 0, "synthesis"), ""
+    def __init__(self, run: Run):
+        ids0, labels0 = run.data.batch(0)
+        self.flops_per_image = count_training_flops(run.model, ids0[:1].to(run.device), labels0[:1].to(run.device))
+        self.peak = peak_flops(run.device, run.config.peak_tflops, bf16=run.amp_dtype is not None)
+        self.images, self.since = 0, time.perf_counter()
+
+    def record(self, run: Run, loss: float) -> Dict[str, Any]:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        images_per_s = self.images / max(now - self.since, 1e-9)
+        record = {"step": run.step, "epoch": round(run.step / run.data.steps_per_epoch, 3), "loss": loss,
+                  "lr": learning_rate(run.config, run.step - 1), "images_per_s": round(images_per_s, 2),
+                  "tokens_per_s": round(images_per_s * run.model.K * run.model.L, 1),
+                  "tflops_per_s": round(images_per_s * self.flops_per_image / 1e12, 4)}
+        if self.peak:
+            record["mfu"] = round(images_per_s * self.flops_per_image / self.peak, 4)
+        self.images, self.since = 0, now
+        return record
+
+
+def after_step(run: Run, loss: float, throughput: ThroughputLog, grids: Optional["SampleGrids"], stopped: str) -> None:
+    """Rank 0's work after a step: the metrics record, the validation loss, sample grids, the checkpoint."""
+    config, step, last = run.config, run.step, run.step == run.total_steps
+    if not run.main_process:
+        return
+    if step % config.log_every == 0 or last:
+        run.logger.write(throughput.record(run, loss))
+    if run.val_cache is not None and ((config.eval_every and step % config.eval_every == 0) or last):
+        run.logger.write({"step": step, "val_loss": validation_loss(run.evaluated, run.val_cache, config.batch_size,
+                                                                    run.amp_dtype)})
+    if config.sample_every and step % config.sample_every == 0 and not last:
+        grids.write(run.evaluated, run.out / "samples" / f"step-{step:07d}", config.seed, run.amp_dtype)
+    if (config.save_every and step % config.save_every == 0) or last or stopped:
+        run.checkpointer.save(run.payload(), step)
+
+
+def finish(run: Run, grids: "SampleGrids", flops_per_image: int, began: float) -> Dict[str, Any]:
+    """Rank 0: generator.pth, the final samples, validation loss, summary.json and the loss curves."""
+    out = run.out
+    atomic_torch_save(run.payload(), out / "generator.pth")
+    grids.write(run.evaluated, out / "samples" / "final", run.config.seed, run.amp_dtype)
+    summary = {"steps": run.step, "seconds": round(time.perf_counter() - began, 1),
+               "parameters": run.model.num_parameters(), "train_flops_per_image": flops_per_image,
+               "generator": str(out / "generator.pth")}
+    if run.val_cache is not None:
+        summary["val_loss"] = validation_loss(run.evaluated, run.val_cache, run.config.batch_size, run.amp_dtype)
+        summary.update(json.loads((out / "baselines.json").read_text()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.logger.plot(out / "loss_curves.png")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) training; returns the summary also written to ``out/summary.json`` (rank 0), or, for a run
+    stopped by a signal, the step it saved and its exit status."""
+    run = prepare_run(config)
+    throughput = ThroughputLog(run)
+    grids = SampleGrids(run.train_cache, run.device, config.sample_per_label) if run.main_process else None
+    run.model.train()
+    began, stops, stopped = time.perf_counter(), StopRequests(config.log_every, 0, "synthesis"), ""
     try:
-        while step < total_steps and not stopped:
-            loss = train_step(trained, model, optimizer, data, step, config, device, amp_dtype)
-            if ema is not None:
-                ema.update_parameters(model)
-            step += 1
-            images_since += config.batch_size
-            if main_process and (step % config.log_every == 0 or step == total_steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                images_per_s = images_since / max(now - last_log, 1e-9)
-                record = {"step": step, "epoch": round(step / data.steps_per_epoch, 3), "loss": loss,
-                          "lr": learning_rate(config, step - 1), "images_per_s": round(images_per_s, 2),
-                          "tokens_per_s": round(images_per_s * model.K * model.L, 1),
-                          "tflops_per_s": round(images_per_s * flops_per_image / 1e12, 4)}
-                if peak:
-                    record["mfu"] = round(images_per_s * flops_per_image / peak, 4)
-                logger.write(record)
-                images_since, last_log = 0, now
-            if val_cache is not None and main_process and (
-                    (config.eval_every and step % config.eval_every == 0) or step == total_steps):
-                evaluated = ema.module if ema is not None else model
-                logger.write({"step": step, "val_loss": validation_loss(evaluated, val_cache, config.batch_size,
-                                                                        amp_dtype)})
-            if main_process and config.sample_every and step % config.sample_every == 0 and step < total_steps:
-                grids.write(ema.module if ema is not None else model, out / "samples" / f"step-{step:07d}",
-                            config.seed, amp_dtype)
-            stopped = stops.should_stop(step, total_steps, device)
-            if main_process and ((config.save_every and step % config.save_every == 0) or step == total_steps
-                                 or stopped):
-                checkpointer.save(payload(), step)
+        while run.step < run.total_steps and not stopped:
+            loss = train_step(run.trained, run.model, run.optimizer, run.data, run.step, config, run.device,
+                              run.amp_dtype)
+            if run.ema is not None:
+                run.ema.update_parameters(run.model)
+            run.step += 1
+            throughput.images += config.batch_size
+            stopped = stops.should_stop(run.step, run.total_steps, run.device)
+            after_step(run, loss, throughput, grids, stopped)
             distributed.barrier()
     finally:
         stops.close()
-    if stopped:
-        if main_process:
-            print(f"[synthesis] stopped ({stopped}) at step {step}/{total_steps}: checkpoint saved; `--resume auto "
-                  f"--out {out}` continues from here", flush=True)
-        distributed.cleanup()
-        return {"steps": step, "stopped": stopped, "exit_code": stops.final_exit_code(stopped)}
-
     summary: Dict[str, Any] = {}
-    if main_process:
-        atomic_torch_save(payload(), out / "generator.pth")
-        final_model = ema.module if ema is not None else model
-        grids.write(final_model, out / "samples" / "final", config.seed, amp_dtype)
-        summary.update({"steps": step, "seconds": round(time.perf_counter() - began, 1),
-                        "parameters": model.num_parameters(), "train_flops_per_image": flops_per_image,
-                        "generator": str(out / "generator.pth")})
-        if val_cache is not None:
-            summary["val_loss"] = validation_loss(final_model, val_cache, config.batch_size, amp_dtype)
-            summary.update(json.loads((out / "baselines.json").read_text()))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.plot(out / "loss_curves.png")
-        print(json.dumps(summary), flush=True)
+    if stopped and run.main_process:
+        print(f"[synthesis] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint saved; `--resume "
+              f"auto --out {run.out}` continues from here", flush=True)
+    elif run.main_process:
+        summary = finish(run, grids, throughput.flops_per_image, began)
     distributed.cleanup()
+    if stopped:
+        return {"steps": run.step, "stopped": stopped, "exit_code": stops.final_exit_code(stopped)}
     return summary
 
 
