@@ -23,11 +23,11 @@ def _pyproject():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def _third_party_imports(folder: Path) -> dict:
+def _third_party_imports(folder: Path, recursive: bool = False) -> dict:
     """Top-level names of every absolute import in ``folder``'s .py files (module level and inside functions,
     since a lazily imported module is as necessary as any), minus the standard library: {name: first file}."""
     found = {}
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(folder.rglob("*.py") if recursive else folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -54,7 +54,7 @@ def test_data_extra_lists_every_module_meditok_data_imports():
     project = _pyproject()
     declared = {_dist_name(r) for r in project["dependencies"]} | \
                {_dist_name(r) for r in project["optional-dependencies"]["data"]}
-    modules = _third_party_imports(ROOT / "meditok" / "data")
+    modules = _third_party_imports(ROOT / "meditok" / "data", recursive=True)  # with meditok/data/readers
     assert {"pandas", "pydicom", "nibabel"} <= set(modules)  # the scan sees the readers' imports at all
     undeclared = {m: (d, modules[m]) for m, d in _distributions_of(modules).items() if d not in declared}
     assert not undeclared, (f"meditok.data imports modules whose distributions are in neither the core dependencies "
