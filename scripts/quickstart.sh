@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole try-out on a fresh machine, CPU only, ~10 minutes on 2 cores:
+# The whole try-out on a fresh machine, CPU only: about 3.5 minutes on an idle 2-core machine once .venv exists:
 # environment → tiny random teacher/discriminator stand-ins → stage 1 → stage 2 → demo figures.
 # Outputs: runs/stage1_tiny, runs/stage2_tiny (metrics.jsonl, vis/, loss_curves.png, tokenizer/), outputs/demo.
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Medical VQA with MedITok as a language model's vision tower (paper Table 4): stage A (projector on image-caption
 # pairs) → stage B (projector + LoRA on question-answer pairs) → evaluation with the Table 4 layout.
-# No arguments: the CPU try-out (a few minutes on 2 cores) — a tiny random Llama-architecture LM
+# No arguments: the CPU try-out (about 30 s on an idle 2-core machine) — a tiny random Llama-architecture LM
 # (scripts/make_tiny_lm.py), the quick-start tokenizer runs/stage2_tiny/tokenizer if present (else a random tiny
 # MedITok), the bundled examples (datasets/meta/examples_train.csv captions, datasets/meta/vqa_examples_*). See docs/vqa.md.
 #
