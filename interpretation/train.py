@@ -39,7 +39,7 @@ from meditok.seeding import rng_state, set_rng_state
 from training.metrics import MetricsLog
 from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
 from training.stopping import StopRequests
-from training.workers import shutdown_workers
+from training.workers import ignore_stop_signals, shutdown_workers
 
 from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
 from .loading import CHECKPOINT, CHECKPOINT_FORMAT, LORA_DIR, RUN_FILE
@@ -395,6 +395,7 @@ def epoch_loader(run: Run, epoch: int, start_batch: int) -> DataLoader:
     # Its own generator: creating a loader draws a seed, which must not move the RNG that LoRA dropout uses
     # (else a run resumed mid-epoch would diverge from an unbroken one).
     return DataLoader(run.dataset, batch_sampler=sampler, num_workers=run.args.num_workers,
+                      worker_init_fn=ignore_stop_signals,
                       collate_fn=functools.partial(collate, pad_id=run.model.tokenizer.pad_token_id),
                       generator=torch.Generator().manual_seed(run.args.seed + epoch))
 

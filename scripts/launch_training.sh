@@ -41,6 +41,8 @@ fi
 
 NPROC=${NPROC:-1}; NNODES=${NNODES:-1}
 if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+    # torchrun kills its ranks this long after forwarding a SIGTERM: time to finish the step, agree and save
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
     exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" \
         --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
         train.py "${flags[@]}" "$@"

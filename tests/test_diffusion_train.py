@@ -199,3 +199,13 @@ def test_a_resumed_run_logs_each_step_once(setup, tmp_path):
     (checkpoints / "latest.pt").write_bytes((checkpoints / "step_0000002.pt").read_bytes())  # killed after step 4's log
     assert diffusion_train.main(argv_for(setup, run_dir, "--steps", "4", "--save-every", "2", "--resume", "auto")) == 0
     assert records() == straight
+
+
+def test_grad_clip_0_means_no_clipping(setup, tmp_path):
+    """--grad-clip 0 is "off" (as in the other trainers): the same weights as a clip no gradient reaches. It used to
+    call clip_grad_norm_(…, 0), which zeroes every gradient, so the model never learned."""
+    for name, clip in (("off", "0"), ("huge", "1e9")):
+        assert diffusion_train.main(argv_for(setup, tmp_path / name, "--steps", "2", "--grad-clip", clip)) == 0
+    a = torch.load(tmp_path / "off/checkpoints/latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "huge/checkpoints/latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -156,3 +156,24 @@ def test_the_converter_turns_old_numpy_rng_states_into_safe_ones_and_refuses_cod
     with pytest.raises(CheckpointError, match="other than numpy arrays"):
         convert(tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_the_converter_reads_numpy_1_pickles_under_numpy_2(tmp_path):
+    """A checkpoint written under numpy 1 names numpy.core.multiarray._reconstruct; numpy 2 calls it
+    numpy._core.multiarray._reconstruct. The converter allows both names of the same function."""
+    import zipfile
+
+    from training.convert_checkpoint import convert
+    np.random.seed(3)
+    state = np.random.get_state()
+    torch.save({"format": "x", "rng": {"torch": torch.get_rng_state(), "numpy": state}}, tmp_path / "new.pth")
+    with zipfile.ZipFile(tmp_path / "new.pth") as src, zipfile.ZipFile(tmp_path / "old.pth", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):  # protocol-2 GLOBAL opcodes: newline-terminated names
+                assert b"numpy._core.multiarray\n" in data or b"numpy.core.multiarray\n" in data
+                data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+            dst.writestr(item, data)
+    convert(tmp_path / "old.pth", tmp_path / "converted.pth")
+    got = meditok.safe_load(tmp_path / "converted.pth")["rng"]["numpy"]
+    assert torch.equal(got["keys"], torch.from_numpy(state[1].astype(np.int64))) and got["pos"] == state[2]

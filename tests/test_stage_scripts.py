@@ -53,3 +53,22 @@ def test_vqa_script_refuses_a_missing_config_in_one_line(tmp_path):
                           env={**os.environ, "CONFIG": "missing", "OUT": str(tmp_path / "out")})
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "CONFIG=configs/missing.json: no such file" in proc.stderr and "vqa_tiny_cpu" in proc.stderr
+
+
+def test_a_signal_to_the_script_alone_starts_no_later_stage(tmp_path):
+    """kill PID of the script only (some CI runners and supervisors do that): the running stage finishes (it did
+    not get the signal), nothing after it starts, and the script ends with 143 saying so."""
+    path = tmp_path / "two_stages.sh"
+    path.write_text(f"""set -euo pipefail
+cd {ROOT}
+source scripts/stages.sh
+run_stage "stage one" python3 -c "import time; print('started', flush=True); time.sleep(2)"
+run_stage "stage two" echo second stage ran
+""")
+    proc = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)  # to bash only
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (out, err)
+    assert "second stage ran" not in out
+    assert "a stop signal arrived while stage one ran; it finished, the stages after it were not run" in err

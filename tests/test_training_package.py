@@ -67,3 +67,32 @@ def test_shutdown_workers_ends_persistent_workers_and_is_idempotent():
     workers.shutdown_workers(loader)
     workers.shutdown_workers(loader, None)
     assert not set(multiprocessing.active_children()) - before
+
+
+def test_stop_at_step_stops_exactly_there_so_a_resumed_run_goes_on():
+    """The same command with --resume auto appended must continue past the step it stopped at, not stop again
+    after one more step (the VQA trainer's --stop-after-steps did, for a while)."""
+    from training.stopping import StopRequests
+    stops = StopRequests(sync_every=1, stop_at_step=3, name="test")
+    try:
+        assert [bool(stops.should_stop(s, 10)) for s in range(1, 10)] == [s == 3 for s in range(1, 10)]
+        assert stops.final_exit_code("stop at step 3") == 0 and stops.final_exit_code("") == 0
+    finally:
+        stops.close()
+
+
+def test_a_signal_sets_the_exit_status_and_the_handlers_are_given_back():
+    import os
+    import signal
+
+    from training.stopping import StopRequests
+    before = signal.getsignal(signal.SIGTERM)
+    stops = StopRequests(name="test")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        reason = stops.should_stop(1, 10)
+        assert reason == "SIGTERM" and stops.final_exit_code(reason) == 143
+        assert stops.should_stop(10, 10) == ""  # never after the last step
+    finally:
+        stops.close()
+    assert signal.getsignal(signal.SIGTERM) is before

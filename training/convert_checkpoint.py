@@ -28,13 +28,17 @@ from meditok.checkpoint import CheckpointError, _refused_global
 
 
 def numpy_data_classes() -> List[Any]:
-    """numpy's classes an array and its dtype are rebuilt from when unpickled (data only)."""
-    try:  # numpy 2 (pickles made with numpy 1 name numpy.core.multiarray, an alias of the same function)
+    """numpy's classes an array and its dtype are rebuilt from when unpickled (data only). torch matches them by
+    name, and numpy 2 moved ``numpy.core`` to ``numpy._core``: the array-rebuilding function is allowed under
+    both names, so a file pickled under either numpy converts under either."""
+    try:  # numpy 2
         from numpy._core import multiarray
     except ImportError:  # numpy 1
         from numpy.core import multiarray
-    classes = [multiarray._reconstruct, np.ndarray, np.dtype]
-    return classes + [type(np.dtype(code)) for code in ("u4", "i8", "i4", "f8", "f4", "u1", "bool")]
+    rebuild = multiarray._reconstruct
+    classes: List[Any] = [(rebuild, f"{prefix}.multiarray._reconstruct") for prefix in ("numpy.core", "numpy._core")]
+    return classes + [np.ndarray, np.dtype] + [type(np.dtype(code)) for code in ("u4", "i8", "i4", "f8", "f4", "u1",
+                                                                               "bool")]
 
 
 def _numpy_rng(state: Any) -> Any:

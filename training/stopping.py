@@ -19,7 +19,9 @@ class StopRequests:
     """Catches SIGTERM/SIGINT for the life of a run (give them back with :meth:`close`).
 
     ``sync_every``: with several processes, the steps at which the ranks agree on a stop (their logging
-    steps); ``stop_at_step``: stop after this step anyway (the end of a job allocation; 0 = never);
+    steps; under torchrun, raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT above the time that many steps take, or the
+    agent kills the ranks before they save); ``stop_at_step``: stop after exactly this step (the end of a job
+    allocation; 0 = never);
     ``name``: the prefix of the one line printed when a signal arrives."""
 
     def __init__(self, sync_every: int = 1, stop_at_step: int = 0, name: str = "train"):
@@ -52,20 +54,23 @@ class StopRequests:
         if distributed.world_size() > 1:
             if step % self.sync_every:
                 reason = ""
-            else:
-                flag = torch.tensor(float(bool(reason)), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                reason = (reason or "a stop request on another rank") if flag.item() else ""
-        if not reason and self.stop_at_step and self.stop_at_step <= step:
+            else:  # every rank stops with the same exit status, also those that got no signal themselves
+                code = torch.tensor(float(self.exit_code if reason else 0), device=device)
+                torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+                agreed = int(code.item())
+                reason = (reason or "a stop request on another rank") if agreed else ""
+                self.exit_code = agreed or self.exit_code
+        # exactly at that step: a run resumed past it (the same command with --resume auto) goes on
+        if not reason and self.stop_at_step and self.stop_at_step == step:
             reason = f"stop at step {self.stop_at_step}"
         return reason
 
     def final_exit_code(self, stopped: str) -> int:
         """The process's exit status for a run that ended with ``stopped`` ('' = finished): 0 when it finished
         or stopped at the asked step, 143 / 130 when a signal stopped it."""
-        if not stopped or not self.reason:
+        if not stopped:
             return 0
-        return self.exit_code or EXIT_CTRL_C
+        return self.exit_code  # 0 for a stop at the asked step; the agreed signal's status otherwise
 
     def close(self) -> None:
         """Give the signals back to their previous handlers."""

@@ -7,7 +7,16 @@ never exits (after a failure and, when a reference cycle keeps the loader alive,
 trainer therefore shuts its loaders' workers down in ``finally`` with :func:`shutdown_workers`."""
 from __future__ import annotations
 
+import signal
 from typing import Any
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the trainer, so a scheduler's signal to the
+    whole process group (Slurm, systemd, Ctrl-C) does not kill a worker before the trainer has finished its step
+    and saved; the trainer ends them with :func:`shutdown_workers`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def shutdown_workers(*loaders_or_iterators: Any) -> None:

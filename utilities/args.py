@@ -54,7 +54,7 @@ class Args:
     weight_decay: float = 0.02  # AdamW weight decay (not on norms, biases and the logit scale)
     betas: Tuple[float, float] = (0.9, 0.95)  # AdamW betas
     eps: float = 1e-6  # AdamW epsilon
-    grad_clip: float = 10.0  # gradient-norm clip of the tokenizer (+ alignment head)
+    grad_clip: float = 10.0  # gradient-norm clip of the tokenizer (+ alignment head); 0 = off
     on_nonfinite: str = "stop"  # a step with a NaN/Inf loss or gradient: stop (naming the checkpoint to go back to) or skip it
     max_nonfinite_skips: int = 10  # with --on-nonfinite skip: stop after this many non-finite steps in a row
     # --- loss weights ----------------------------------------------------------------------------

@@ -328,7 +328,8 @@ class Trainer:
                             no_sync.enter_context(wrapped.no_sync())
                 logs.update(self.backward(batch, 1.0 / len(batches), disc_active, disc_warm))
 
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+        # 0 = no clipping (the norm is still measured for the log)
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip or float("inf"))
         self._update(logs, disc_active)
         with torch.no_grad():
             self.tokenizer.logit_scale.clamp_(0, math.log(100))

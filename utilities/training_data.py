@@ -14,7 +14,6 @@ the DataLoader touches the training process's own RNG streams, so ``num_workers`
 """
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from meditok.seeding import seeded_rngs
-from training.workers import shutdown_workers
+from training.workers import ignore_stop_signals, shutdown_workers
 
 
 class PerSampleSeeded(Dataset):
@@ -85,13 +84,6 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                       # its own generator: otherwise each new iterator draws the workers' base seed from the
                       # global RNG (and a persistent iterator does not), so num_workers would change the run
                       generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the trainer: a scheduler's signal to the whole process
-    group (Slurm, systemd) must not kill a worker before the trainer has saved; the trainer stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def steps_per_epoch(loader: DataLoader, grad_accum: int) -> int:

@@ -36,7 +36,7 @@ from training.optim import adamw
 from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
 from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
-from training.workers import shutdown_workers
+from training.workers import ignore_stop_signals, shutdown_workers
 
 PROG = "python -m generation.diffusion.train"
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--weight-decay", type=float, default=0.05)
     o.add_argument("--warmup-steps", type=int, default=20)
-    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     o.add_argument("--schedule", default="loglinear", choices=SCHEDULES, help="masking schedule α(t)")
     o.add_argument("--text-weight", type=float, default=1.0, help="λ in L_image + λ·L_text")
     o.add_argument("--task-mix", default="1,1,1", help="relative probabilities of joint, image|text, text|image")
@@ -388,7 +388,7 @@ def step_batches(run: Run) -> DataLoader:
     args = run.args
     sampler = StepBatchSampler(len(run.cache), args.batch_size, args.seed, run.rank, run.world, run.start, args.steps)
     return DataLoader(run.cache, batch_sampler=sampler, collate_fn=CaptionCollate(run.codec),
-                      num_workers=args.num_workers)
+                      num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
 
 
 def train_step(run: Run, step: int, text: torch.Tensor, image: torch.Tensor, labels: torch.Tensor,
@@ -406,7 +406,8 @@ def train_step(run: Run, step: int, text: torch.Tensor, image: torch.Tensor, lab
                                generator=generator)
     run.optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    # 0 = no clipping (as in the other trainers): the norm is still measured for the log
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip or float("inf"))
     run.optimizer.step()
     return parts, grad_norm
 
@@ -461,8 +462,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     metrics.truncate_after(run.start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
     progress = tqdm(total=args.steps, initial=run.start, disable=run.rank != 0, desc="diffusion", dynamic_ncols=True)
     step, stops, stopped, last, window = run.start, StopRequests(args.log_every, 0, "diffusion"), "", {}, LossWindow()
-    batches = iter(step_batches(run))
+    batches = None
     try:
+        batches = iter(step_batches(run))
         for text, image, labels in batches:
             parts, grad_norm = train_step(run, step, text, image, labels, schedule, mix)
             step += 1

@@ -54,7 +54,8 @@ class MedicalImageError(ValueError):
         and the one line that says what is wrong."""
         lines = [line for line in text.splitlines() if "MedicalImageError: " in line]
         message = lines[-1].split("MedicalImageError: ", 1)[1] if lines else text
-        self.path, self.reason, self.fix, self.csv_path, self.csv_line = message.split(": ", 1)[0], message, None, None, None
+        path, _, reason = message.partition(": ")  # "PATH: reason (from CSV line N). Fix: ..."
+        self.path, self.reason, self.fix, self.csv_path, self.csv_line = path, reason or message, None, None, None
         super().__init__(message)
 
     def at_csv_line(self, csv_path: str | Path, csv_line: int) -> "MedicalImageError":
