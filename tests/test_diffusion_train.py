@@ -209,3 +209,18 @@ def test_grad_clip_0_means_no_clipping(setup, tmp_path):
     a = torch.load(tmp_path / "off/checkpoints/latest.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "huge/checkpoints/latest.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_between_logged_steps_resumes_the_same_averages(setup, tmp_path, run_signalled):
+    """SIGTERM at step 3 with --log-every 2: the loss window of step 3 is saved with the checkpoint, so the
+    record of step 4 after --resume auto averages steps 3 and 4 as in an unbroken run."""
+    def records(run_dir):  # without the timing, which differs between any two runs
+        return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stopped = tmp_path / "stopped"
+    argv = argv_for(setup, stopped, "--log-every", "2")
+    assert run_signalled("generation.diffusion.train", "diffusion_loss", 3, "SIGTERM", argv).returncode == 143
+    assert diffusion_train.main(argv + ["--resume", "auto"]) == 0
+    assert diffusion_train.main(argv_for(setup, tmp_path / "straight", "--log-every", "2")) == 0
+    assert [r["step"] for r in records(stopped)] == [2, 4, 5]
+    assert records(stopped) == records(tmp_path / "straight")

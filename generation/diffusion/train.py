@@ -324,6 +324,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     start: int                          # the step to continue from (0 for a fresh run)
     bf16: bool
+    resumed_window: Optional[Dict[str, Any]] = None  # the loss window the checkpoint was saved in
 
     @property
     def checkpoint_extra(self) -> Dict[str, Any]:
@@ -372,7 +373,8 @@ def prepare_run(args: argparse.Namespace) -> Run:
     trained = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    run = Run(args, device, rank, world, Path(args.out), cache, codec, config, model, trained, optimizer, start, bf16)
+    run = Run(args, device, rank, world, Path(args.out), cache, codec, config, model, trained, optimizer, start, bf16,
+              None if payload is None else payload.get("loss_window"))
     if rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2)
@@ -432,20 +434,28 @@ class LossWindow:
         self.__init__()
         return record
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Saved with each checkpoint: a run stopped between two logged steps resumes the same averages."""
+        return {"sums": dict(self.sums), "steps": self.steps, "samples": self.samples}
 
-def save_and_sample(run: Run, step: int, stopped: str) -> None:
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        if state:  # checkpoints written before the window was saved hold none
+            self.sums, self.steps, self.samples = dict(state["sums"]), int(state["steps"]), int(state["samples"])
+
+
+def save_and_sample(run: Run, step: int, stopped: str, window: LossWindow) -> None:
     """Rank 0: ``latest.pt`` (and a numbered copy every --save-every) at those steps, at the end and on a stop;
     samples every --sample-every steps and at the end."""
     args = run.args
     if run.rank != 0:
         return
     numbered = bool(args.save_every) and step % args.save_every == 0
+    extra = {**run.checkpoint_extra, "loss_window": window.state_dict()}
     if numbered or step == args.steps or stopped:
-        save_checkpoint(run.out / "checkpoints" / "latest.pt", run.model, run.optimizer, step, args,
-                        run.checkpoint_extra)
+        save_checkpoint(run.out / "checkpoints" / "latest.pt", run.model, run.optimizer, step, args, extra)
         if numbered:
             save_checkpoint(run.out / "checkpoints" / f"step_{step:07d}.pt", run.model, run.optimizer, step, args,
-                            run.checkpoint_extra)
+                            extra)
     if not stopped and args.num_samples and ((args.sample_every and step % args.sample_every == 0)
                                              or step == args.steps):
         decoder = load_decoder(args.meditok, run.cache, run.device)
@@ -462,6 +472,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     metrics.truncate_after(run.start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
     progress = tqdm(total=args.steps, initial=run.start, disable=run.rank != 0, desc="diffusion", dynamic_ncols=True)
     step, stops, stopped, last, window = run.start, StopRequests(args.log_every, 0, "diffusion"), "", {}, LossWindow()
+    window.load_state_dict(run.resumed_window)
     batches = None
     try:
         batches = iter(step_batches(run))
@@ -476,7 +487,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
                                      txt=f"{last['text_ce']:.3f}")
             stopped = stops.should_stop(step, args.steps, run.device)
-            save_and_sample(run, step, stopped)
+            save_and_sample(run, step, stopped, window)
             if stopped:
                 break
     finally:
