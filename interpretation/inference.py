@@ -17,10 +17,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .model import MedITokLlava
-from .loading import RUN_FILE
+from .loading import FINGERPRINT_KEY, RUN_FILE
 from .vision_tower import RANDOM_PREFIX, MedITokVisionTower, load_tokenizer_for_tower
-
-FINGERPRINT_KEY = "vision_tower_fingerprint"
 
 
 class VisionTowerMismatch(ValueError):

@@ -11,3 +11,5 @@ RUN_FILE = "interpretation.json"
 CHECKPOINT = "ckpt-last.pth"
 LORA_DIR = "lora"
 CHECKPOINT_FORMAT = "meditok-interpretation-v1"
+# the key of interpretation.json holding meditok.weights_fingerprint of the tower the run was trained with
+FINGERPRINT_KEY = "vision_tower_fingerprint"

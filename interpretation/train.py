@@ -42,7 +42,7 @@ from training.stopping import StopRequests
 from training.workers import ignore_stop_signals, shutdown_workers
 
 from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
-from .loading import CHECKPOINT, CHECKPOINT_FORMAT, LORA_DIR, RUN_FILE
+from .loading import CHECKPOINT, CHECKPOINT_FORMAT, FINGERPRINT_KEY, LORA_DIR, RUN_FILE
 from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError
 from .vision_tower import FEATURE_KINDS, MedITokVisionTower
 
@@ -315,7 +315,7 @@ def save_outputs(out: Path, model: MedITokLlava, args) -> None:
                    "img_size": model.vision_tower.img_size, "projector": PROJECTOR_FILE, "lora": lora,
                    **model.projector_config(), "template": model.template.name, "seed": args.seed,
                    # evaluation.vqa refuses another tower's weights by this (a path can be overwritten)
-                   "vision_tower_fingerprint": weights_fingerprint(model.vision_tower.tokenizer)}
+                   FINGERPRINT_KEY: weights_fingerprint(model.vision_tower.tokenizer)}
     atomic_write(out / RUN_FILE, lambda f: f.write((json.dumps(description, indent=2) + "\n").encode()))
 
 

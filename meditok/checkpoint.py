@@ -200,10 +200,6 @@ def safe_load(path: Union[str, os.PathLike], *, formats: Tuple[str, ...] = (), w
     return obj
 
 
-def _torch_load(path: Path) -> Any:
-    return safe_load(path, what="checkpoint", mmap=True)
-
-
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -345,7 +341,7 @@ def _read(path: Path, key: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Opti
         cfg = json.loads(metadata["config"]) if "config" in metadata else None
         sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
         return sd, cfg
-    obj = _torch_load(path)
+    obj = safe_load(path, mmap=True)
     return extract_tokenizer_state_dict(obj, key=key, source=str(path))
 
 
