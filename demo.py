@@ -64,7 +64,7 @@ def quality(original: torch.Tensor, recon: torch.Tensor) -> Tuple[float, float]:
 
 
 #: The error map's colour scale, labelled the same way in every figure of the project (the training grids of
-#: utilities/monitor.py, evaluation.reconstruction's worst cases): mean |input − reconstruction| over RGB in
+#: tokenizer_training/monitor.py, evaluation.reconstruction's worst cases): mean |input − reconstruction| over RGB in
 #: [0, 1] image units, from 0 (black) to 0.5 (white) and above.
 ERROR_LABEL, ERROR_VMAX = "|error| (0-0.5)", 0.5
 
@@ -133,7 +133,7 @@ def run(images: Sequence[Tuple[Path, str]], checkpoint: Path, out_dir: Path, img
     if not done:
         print(f"none of the {len(results)} images could be read; no figures written", file=sys.stderr)
         return results
-    from utilities.monitor import save_reconstruction_grid
+    from tokenizer_training.monitor import save_reconstruction_grid
     save_reconstruction_grid(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]),
                              out_dir / "summary.png", row_labels=labels)
     mean_psnr = sum(r["psnr"] for r in done) / len(done)

@@ -4,7 +4,7 @@
     python train.py --config stage1_tiny_cpu                     # CPU try-out on datasets/examples
     torchrun --nproc_per_node 8 train.py --config stage1_large_h100 --train-csv my.csv --train-root /data
 
-The loop below drives named components, each in ``utilities/``: the training data (CSV or shards, with a
+The loop below drives named components, each in ``tokenizer_training/``: the training data (CSV or shards, with a
 resumable position), the trainer (networks, declared loss terms, optimisers, schedule; one ``step``), the
 checkpointer (the checkpoint dict, atomic writes, resume), the step logger (console, metrics.jsonl, wandb,
 loss curves), the reconstruction grids and the stop requests (SIGTERM / Ctrl-C honoured between steps).
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import meditok
 from meditok.data import MedicalImageError
-from utilities import dist
-from utilities.args import parse_args
-from utilities.checkpointing import Checkpointer
-from utilities.monitor import ReconstructionGrids, StepLogger
-from utilities.preflight import check_networks
+from training import distributed as dist
+from tokenizer_training.args import parse_args
+from tokenizer_training.checkpointing import Checkpointer
+from tokenizer_training.monitor import ReconstructionGrids, StepLogger
+from tokenizer_training.preflight import check_networks
 from training.stopping import StopRequests
-from utilities.runtime import setup_runtime
-from utilities.schedule import Schedule
-from utilities.trainer import Trainer
-from utilities.training_data import TrainingData
+from tokenizer_training.runtime import setup_runtime
+from tokenizer_training.schedule import Schedule
+from tokenizer_training.trainer import Trainer
+from tokenizer_training.training_data import TrainingData
 
 
 def main(argv=None) -> int:

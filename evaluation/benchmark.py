@@ -1,6 +1,6 @@
 """Benchmark the full training step (either stage, every loss on) and tokenization/decoding/reconstruction.
 
-Times, after warm-up and with device synchronisation, ``utilities.trainer.Trainer.step`` — the same code
+Times, after warm-up and with device synchronisation, ``tokenizer_training.trainer.Trainer.step`` — the same code
 ``train.py`` runs — on a synthetic batch already on the device (the compute alone) and, with
 ``--real-data``, fed by the real CSV data loader (shows whether loading keeps up). Then, unless
 ``--no-inference``, the token API over a grid of batch sizes and resolutions (``evaluation.efficiency``).
@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from evaluation import report
-from utilities.args import build_parser, parse_args
-from utilities.schedule import Schedule
-from utilities.trainer import Trainer
+from tokenizer_training.args import build_parser, parse_args
+from tokenizer_training.schedule import Schedule
+from tokenizer_training.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -174,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({k: v for k, v in cell.items() if k != "last_losses"}), flush=True)
 
     if a.real_data:
-        from utilities.training_data import TrainingData
+        from tokenizer_training.training_data import TrainingData
         bs = a.batch_sizes[0]
         data = TrainingData(args, trainer.img_size, trainer.text_tokenizer, Path(a.out), 0, 1, device.type)
         source = args.train_shards or args.train_csv

@@ -313,7 +313,7 @@ def modality_average(rows: List[Dict[str, Any]], with_fid: bool) -> Dict[str, An
 # --------------------------------------------------------------------------------------------------
 # Outputs
 
-#: The error map's scale and title, the same in every figure (demo.py, the training grids of utilities/monitor.py).
+#: The error map's scale and title, the same in every figure (demo.py, the training grids of tokenizer_training/monitor.py).
 ERROR_LABEL, ERROR_VMAX = "|error| (0-0.5)", 0.5
 
 

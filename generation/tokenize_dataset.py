@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import torch
 
-from meditok import distributed
+from training import distributed
 from .token_cache import (TokenCache, TokenCacheError, csv_source, folder_source, label_coverage_warning,
                           medmnist_source, shards_source, write_token_cache)
 

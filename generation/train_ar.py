@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import meditok
-from meditok import distributed
+from training import distributed
 from training.options import (PRECISIONS, ArgumentParser, UsageError, check_field_types, check_numbers,
                               resolve_config, usage_error)
 from training.checkpoint_files import atomic_torch_save, checksum_path, verify_checksum

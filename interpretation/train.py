@@ -34,7 +34,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from meditok import CheckpointError, distributed, safe_load, weights_fingerprint
+from meditok import CheckpointError, safe_load, weights_fingerprint
+from training import distributed
 from meditok.seeding import rng_state, set_rng_state
 from training.metrics import MetricsLog
 from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
@@ -148,7 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------
 # Distributed
 def setup_distributed(device_arg: Optional[str]) -> tuple:
-    """(rank, world size, device); joins the torchrun process group (``meditok.distributed``)."""
+    """(rank, world size, device); joins the torchrun process group (``training.distributed``)."""
     device = distributed.init_distributed(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     return distributed.rank(), distributed.world_size(), device
 

@@ -10,9 +10,9 @@ Writes, deterministically for a given --seed (a few seconds, ≈ 2.3 MB in all):
                      text tower (32-d output, context 256, small WordPiece vocabulary).
                      Load: local_openclip.load_vision_teacher("tiny") / load_text_teacher("tiny").
   <out>/dinov2/      timm local-dir layout (config.json, model.safetensors): DINOv2-family ViT, patch 14,
-                     width 32, 12 blocks. Load: utilities.discriminator.build_discriminator("tiny").
+                     width 32, 12 blocks. Load: tokenizer_training.discriminator.build_discriminator("tiny").
 
-No VGG16 file is written: a random VGG16 is 528 MB. Use utilities.perceptual.build_lpips("random") instead
+No VGG16 file is written: a random VGG16 is 528 MB. Use tokenizer_training.perceptual.build_lpips("random") instead
 (same lpips network, seeded random backbone). None of these networks is pretrained: their outputs are
 meaningless, they only exercise the real code paths. Real weights: see external/README.md.
 """
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from local_openclip.tiny import make_tiny_biomedclip
-    from utilities.discriminator import make_tiny_dino
+    from tokenizer_training.discriminator import make_tiny_dino
 
     out = Path(args.out)
     jobs = [("biomedclip", TINY_BIOMEDCLIP_NAME, make_tiny_biomedclip), ("dinov2", TINY_DINO_NAME, make_tiny_dino)]
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         target = make(out / name, seed=args.seed, full_size=args.full_size)
         print(f"[{label}] {target}  {folder_size(target) / 1e6:.2f} MB  ({time.perf_counter() - start:.1f} s)")
-    print("LPIPS: no file written; use vgg_path='random' (utilities.perceptual.build_lpips) for tiny runs.")
+    print("LPIPS: no file written; use vgg_path='random' (tokenizer_training.perceptual.build_lpips) for tiny runs.")
     return 0
 
 

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_networks(tmp_path_factory):
     """Tiny random BiomedCLIP and DINO, written to disk by the project's own code and loaded back."""
     from local_openclip.tiny import make_tiny_biomedclip
-    from utilities.discriminator import make_tiny_dino
+    from tokenizer_training.discriminator import make_tiny_dino
     out = tmp_path_factory.mktemp("tiny")
     return {"biomedclip": str(make_tiny_biomedclip(out / "biomedclip")), "dino": str(make_tiny_dino(out / "dinov2"))}
 

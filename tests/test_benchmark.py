@@ -13,7 +13,7 @@ from evaluation import benchmark
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
     from local_openclip.tiny import make_tiny_biomedclip
-    from utilities.discriminator import make_tiny_dino
+    from tokenizer_training.discriminator import make_tiny_dino
     out = tmp_path_factory.mktemp("tiny")
     return ["--biomedclip", str(make_tiny_biomedclip(out / "biomedclip")), "--dino", str(make_tiny_dino(out / "dino")),
             "--lpips-vgg", "random"]

@@ -6,7 +6,7 @@ import pytest
 from generation import train_ar
 from generation.diffusion import train as diffusion_train
 from interpretation import train as vqa_train
-from utilities import args as tokenizer_args
+from tokenizer_training import args as tokenizer_args
 
 VQA_REQUIRED = ["--stage", "A", "--language-model", "lm", "--data", "d.csv", "--out", "o"]
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from utilities.args import Args
-from utilities.trainer import Trainer
+from tokenizer_training.args import Args
+from tokenizer_training.trainer import Trainer
 
 
 def _info_nce(scale, a, b):
@@ -90,7 +90,7 @@ def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_
 
 def test_same_caption_pairs_can_be_left_out_of_the_contrastive_loss(tiny_networks):
     """--contrast-same-targets masked reaches the trainer's loss: two images of one caption are not negatives."""
-    from utilities.losses import clip_contrastive_loss
+    from tokenizer_training.losses import clip_contrastive_loss
     values = {}
     for mode in ("negative", "masked"):
         args = Args(stage=2, preset="tiny", img_size=32, device="cpu", precision="fp32", lpips_weight=0,

@@ -69,7 +69,7 @@ def test_summary_rows_are_labelled_and_the_grid_is_unchanged(tmp_path):
     """row_labels add a left margin with the texts; the grid itself is pixel for pixel the unlabelled one."""
     import numpy as np
     from PIL import Image
-    from utilities.monitor import save_reconstruction_grid
+    from tokenizer_training.monitor import save_reconstruction_grid
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     y = (x + 0.1 * torch.randn(2, 3, 32, 32, generator=g)).clamp(-1, 1)
@@ -103,7 +103,7 @@ def test_error_maps_are_labelled_one_way_across_figures():
     import inspect
 
     from evaluation import reconstruction
-    from utilities import monitor
+    from tokenizer_training import monitor
     assert demo.ERROR_LABEL == reconstruction.ERROR_LABEL == "|error| (0-0.5)"
     assert demo.ERROR_VMAX == reconstruction.ERROR_VMAX == 0.5
     grid_source = inspect.getsource(monitor.save_reconstruction_grid)

@@ -1,4 +1,4 @@
-"""meditok.distributed, the one torchrun set-up every trainer of the project uses (tokenizer, AR generator,
+"""training.distributed, the one torchrun set-up every trainer of the project uses (tokenizer, AR generator,
 diffusion model, VQA): a plain process stays uninitialised; under torchrun's variables each process joins
 the gloo group, knows its rank, and meets the others at barriers."""
 import os
@@ -6,7 +6,7 @@ import os
 import torch
 import torch.multiprocessing as mp
 
-from meditok import distributed
+from training import distributed
 
 
 def test_a_plain_process_is_rank_0_of_1_and_initialises_nothing(monkeypatch):

@@ -1,7 +1,7 @@
 """The import contract between our packages, read from the source with ``ast`` (nothing is imported).
 
 Layers, bottom up: ``meditok`` (the tokenizer library) → ``training`` (what every trainer shares) → the
-packages built on them (``utilities`` the tokenizer's training code, ``generation``, ``interpretation``,
+packages built on them (``tokenizer_training`` the tokenizer's training code, ``generation``, ``interpretation``,
 ``evaluation``, ``local_openclip``) → the entry points (``train.py``, ``scripts``, ``benchmarks``, ``demo.py``).
 Loading a trained model never needs its trainer: samplers and evaluators import ``*/loading.py``
 (``generation.diffusion.loading``, ``interpretation.loading``) or the model module, never a ``train*.py``.
@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 
 # our top-level packages and modules; anything else (torch, transformers, ...) is third-party
-OURS = ("meditok", "training", "utilities", "local_openclip", "generation", "interpretation", "evaluation",
+OURS = ("meditok", "training", "tokenizer_training", "local_openclip", "generation", "interpretation", "evaluation",
         "benchmarks", "scripts", "train", "demo")
 
 # the trainers: a train*.py module is imported by nobody but itself, tests and the exceptions below
@@ -151,7 +151,7 @@ def rule_b(imports: Iterable[Import]) -> List[Import]:
 
 def rule_c(imports: Iterable[Import]) -> List[Import]:
     return [imp for imp in imports if in_dir(imp.file, "generation", "interpretation")
-            and {"utilities", "train"} & set(ours(imp))]
+            and {"tokenizer_training", "train"} & set(ours(imp))]
 
 
 def rule_d(imports: Iterable[Import]) -> List[Import]:
@@ -180,7 +180,7 @@ def test_each_rule_catches_what_it_forbids():
         (rule_a, "meditok/models.py", "from .config import PRESETS\nimport torch", False),
         (rule_b, "training/optim.py", "from generation.ar_model import ARGenerator", True),
         (rule_b, "training/optim.py", "from meditok import safe_load\nfrom .options import UsageError", False),
-        (rule_c, "generation/sample.py", "from utilities.trainer import Trainer", True),
+        (rule_c, "generation/sample.py", "from tokenizer_training.trainer import Trainer", True),
         (rule_c, "interpretation/model.py", "import train", True),
         (rule_c, "generation/sample.py", "from training.stopping import StopRequests", False),
         (rule_d, "evaluation/report.py", "from benchmarks import loader_benchmark", True),
@@ -218,7 +218,7 @@ def test_b_training_imports_only_meditok():
 
 def test_c_generation_and_interpretation_do_not_import_the_tokenizer_trainer():
     bad = rule_c(all_imports())
-    assert not bad, report("(c) generation/ and interpretation/ must not import utilities (the tokenizer's "
+    assert not bad, report("(c) generation/ and interpretation/ must not import tokenizer_training (the tokenizer's "
                            "training code) nor train (train.py)", bad)
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utilities.diffaug import (DiffAugmentParams, apply_diff_augment, diff_augment, sample_diff_augment)
-from utilities.discriminator import (DinoDiscriminator, DinoFit, build_discriminator, load_dino_backbone, make_tiny_dino)
-from utilities.perceptual import build_lpips
+from tokenizer_training.diffaug import (DiffAugmentParams, apply_diff_augment, diff_augment, sample_diff_augment)
+from tokenizer_training.discriminator import (DinoDiscriminator, DinoFit, build_discriminator, load_dino_backbone, make_tiny_dino)
+from tokenizer_training.perceptual import build_lpips
 
 
 def smooth_images(batch, height, width, seed=0):

@@ -7,9 +7,9 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from utilities.losses import (adaptive_adversarial_weight, bcr_loss, clip_contrastive_loss, hinge_d_loss,
+from tokenizer_training.losses import (adaptive_adversarial_weight, bcr_loss, clip_contrastive_loss, hinge_d_loss,
                               hinge_g_loss)
-from utilities.schedule import cosine_lr, linear_warmup
+from tokenizer_training.schedule import cosine_lr, linear_warmup
 
 
 def explicit_clip_loss(img, txt, scale):

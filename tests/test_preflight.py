@@ -1,10 +1,10 @@
-"""utilities.preflight: every missing teacher/loss network of a run reported at once, before anything is built."""
+"""tokenizer_training.preflight: every missing teacher/loss network of a run reported at once, before anything is built."""
 import shutil
 from types import SimpleNamespace
 
 import pytest
 
-from utilities.preflight import check_networks, missing_networks
+from tokenizer_training.preflight import check_networks, missing_networks
 
 
 def _args(**overrides):
@@ -74,7 +74,7 @@ def test_hub_ids_are_not_checked_offline():
 def test_the_text_teacher_is_checked_where_it_is_read(tmp_path, tiny_networks):
     """Stage 2/3 read the text tower from --text-teacher (default: --biomedclip); a missing one is named once,
     and a folder shared by both teachers is not reported twice."""
-    from utilities.args import Args
+    from tokenizer_training.args import Args
     nowhere = str(tmp_path / "no_text_teacher")
     stage3 = Args(stage=3, biomedclip=tiny_networks["biomedclip"], text_teacher=nowhere, lpips_vgg="random",
                   dino=tiny_networks["dino"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from utilities import checkpointing
+from tokenizer_training import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(adv_weight=0, lpips_weight=0, num_workers=2, log_every=1, save_every=100)

@@ -64,7 +64,7 @@ def test_safe_load_names_the_expected_format_and_damaged_files(tmp_path):
 
 
 def test_tokenizer_loading_and_training_resume(tmp_path):
-    from utilities import checkpointing
+    from tokenizer_training import checkpointing
     marker = tmp_path / "ran"
     path = plant(tmp_path / "run" / "ckpt-00000004.pth", marker, checkpointing.FORMAT)
     refused(lambda: meditok.load_meditok(path), marker)
@@ -76,7 +76,7 @@ def test_tokenizer_loading_and_training_resume(tmp_path):
 
 def test_loss_and_metric_networks(tmp_path):
     from evaluation.fid_inception import read_inception_state_dict
-    from utilities.perceptual import _vgg_features_state_dict
+    from tokenizer_training.perceptual import _vgg_features_state_dict
     marker = tmp_path / "ran"
     path = plant(tmp_path / "vgg16.pth", marker)
     refused(lambda: _vgg_features_state_dict(path, torch.nn.Module()), marker)

@@ -192,8 +192,8 @@ def test_triton_layernorm2d_kernel_in_the_cpu_interpreter():
 def test_train_flags_choose_the_upsampling_and_compile_forms():
     """train.py --upsample / --compile-form reach MedITok.speed_up through the trainer; bad values are refused."""
     from meditok.vitamin import Upsample2d
-    from utilities.args import Args, parse_args
-    from utilities.trainer import Trainer
+    from tokenizer_training.args import Args, parse_args
+    from tokenizer_training.trainer import Trainer
 
     common = dict(preset="tiny", img_size=32, device="cpu", precision="fp32", lpips_weight=0, adv_weight=0,
                   contrast_weight=0)

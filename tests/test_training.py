@@ -12,8 +12,8 @@ import torch
 
 import train
 from meditok.data import MedicalImageError
-from utilities import checkpointing
-from utilities.args import Args, parse_args
+from tokenizer_training import checkpointing
+from tokenizer_training.args import Args, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_data_workers_do_not_change_the_run(train_argv, tmp_path, deterministic)
 def test_per_sample_seeding_leaves_the_global_rng_alone():
     from torch.utils.data import DataLoader
 
-    from utilities.training_data import PerSampleSeeded, build_loader, set_loader_position
+    from tokenizer_training.training_data import PerSampleSeeded, build_loader, set_loader_position
 
     class Noise(torch.utils.data.Dataset):  # an "augmentation" that draws from the global RNGs
         def __len__(self):
@@ -276,14 +276,14 @@ def test_deprecated_switches_still_read_as_weight_zero(tmp_path):
 def test_loss_terms_are_declared_and_weight_zero_turns_them_off(train_argv, tmp_path):
     """The trainer evaluates what is declared: a term of weight 0 is absent (no network built, not logged),
     and a new image-space term declared with its kind trains the tokenizer through the single backward."""
-    from utilities.losses import LossKind, LossTerm
-    from utilities.trainer import Trainer
+    from tokenizer_training.losses import LossKind, LossTerm
+    from tokenizer_training.trainer import Trainer
     args = parse_args(train_argv(tmp_path / "r", lpips_weight=0, adv_weight=0, contrast_weight=0,
                                  l1_weight=0))
     trainer = Trainer(args, torch.device("cpu"))
     assert [t.name for t in trainer.loss_terms] == ["rec_l2", "vq"]
     assert trainer.lpips is None and trainer.disc is None and trainer.alignments == [] and not trainer.heads
-    from utilities.schedule import Schedule
+    from tokenizer_training.schedule import Schedule
     trainer.schedule = Schedule.from_args(args, steps_per_epoch=5)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     logs = trainer.backward({"image": images}, 1.0, False, 0.0)

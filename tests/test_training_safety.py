@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from utilities import checkpointing
+from tokenizer_training import checkpointing
 
 
 def all_finite(path):
@@ -37,7 +37,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(train_argv, tmp_path, ca
 
 def test_nonfinite_steps_can_be_skipped_and_are_counted(train_argv, tmp_path, monkeypatch, capsys):
     """--on-nonfinite skip: a step whose loss is NaN leaves the weights untouched and is reported."""
-    from utilities.trainer import Trainer
+    from tokenizer_training.trainer import Trainer
     real = Trainer.backward
     calls = {"n": 0}
 

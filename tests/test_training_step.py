@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from utilities.args import Args
-from utilities.diffaug import diff_augment
-from utilities.trainer import Trainer
+from tokenizer_training.args import Args
+from tokenizer_training.diffaug import diff_augment
+from tokenizer_training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
     from local_openclip.tiny import make_tiny_biomedclip
-    from utilities.discriminator import make_tiny_dino
+    from tokenizer_training.discriminator import make_tiny_dino
     out = tmp_path_factory.mktemp("tiny")
     return {"biomedclip": str(make_tiny_biomedclip(out / "biomedclip")), "dino": str(make_tiny_dino(out / "dino"))}
 
@@ -80,7 +80,7 @@ def test_single_backward_step_has_the_textbook_gradients(tiny_sources):
 
 
 def test_batched_discriminator_call_equals_separate_calls(tiny_sources):
-    from utilities.discriminator import build_discriminator
+    from tokenizer_training.discriminator import build_discriminator
     torch.manual_seed(0)
     disc = build_discriminator(tiny_sources["dino"])
     xs = [torch.rand(2, 3, 30, 33, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from meditok import distributed
+from training import distributed
 
 EXIT_SIGTERM, EXIT_CTRL_C = 128 + signal.SIGTERM, 128 + signal.SIGINT  # 143, 130
 

@@ -30,7 +30,8 @@ from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfi
                                         check_same_architecture, config_from_checkpoint, get_config)
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
-from meditok import atomic_write, distributed
+from meditok import atomic_write
+from training import distributed
 from training.metrics import MetricsLog
 from training.optim import adamw
 from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error

@@ -31,7 +31,7 @@ from meditok.seeding import rng_state, set_rng_state
 from training.checkpoint_files import (SET_ASIDE_SUFFIX, TEMP_PATTERN, RunFolderLock, atomic_torch_save,
                                        checksum_path, os_error_in, set_aside, verify_checksum)
 
-from . import dist
+from training import distributed as dist
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{8})\.pth$")
 FORMAT = "meditok-train"

@@ -1,7 +1,7 @@
 """Check, before anything is built, that every frozen network a training run needs is on disk.
 
-Each loader (``local_openclip.resolve_biomedclip_source``, ``utilities.perceptual.build_lpips``,
-``utilities.discriminator.build_discriminator``) already refuses a missing file with a message naming it and
+Each loader (``local_openclip.resolve_biomedclip_source``, ``tokenizer_training.perceptual.build_lpips``,
+``tokenizer_training.discriminator.build_discriminator``) already refuses a missing file with a message naming it and
 the command that gets it, but only when it is reached: after seconds of model building, and one network per
 run. ``check_networks(args)`` runs the loaders' own file checks (no model is built, nothing is imported from
 open_clip, lpips or transformers) for every network the run's loss weights ask for, and stops with one
@@ -28,7 +28,7 @@ def _problem_biomedclip(source: str) -> str:
 
 
 def _problem_lpips_vgg(source: str) -> str:
-    from utilities.perceptual import _HOW_TO_GET
+    from tokenizer_training.perceptual import _HOW_TO_GET
     if source == RANDOM_WEIGHTS:
         return ""
     path = Path(source).expanduser() if source else Path(default_location(LPIPS_VGG_PATH))
@@ -37,7 +37,7 @@ def _problem_lpips_vgg(source: str) -> str:
 
 
 def _problem_dino(source: str) -> str:
-    from utilities.discriminator import _timm_create_arguments
+    from tokenizer_training.discriminator import _timm_create_arguments
     try:
         _timm_create_arguments(source or None)  # build_discriminator's own file checks, no model built
     except (FileNotFoundError, ValueError) as error:
@@ -48,7 +48,7 @@ def _problem_dino(source: str) -> str:
 def missing_networks(args: Any) -> List[str]:
     """One line per required network whose files are missing or unusable (empty: all present).
 
-    ``args``: the training arguments (``utilities.args.Args`` or any object with ``vision_contrast``,
+    ``args``: the training arguments (``tokenizer_training.args.Args`` or any object with ``vision_contrast``,
     ``text_contrast``, ``lpips_weight``, ``adv_weight``, ``biomedclip``, ``text_teacher_source``,
     ``lpips_vgg`` and ``dino``). A network is required when its loss weight is > 0; a Hub id (``hf-hub:...``)
     is not checked (it is fetched when loaded); a folder already reported is not reported twice.

@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from training import distributed as dist
 
 
 #: two targets whose cosine similarity reaches this are the same target (e.g. one caption for two images)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import dist
+from training import distributed as dist
 
 
 def setup_runtime(args) -> torch.device:

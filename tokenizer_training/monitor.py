@@ -179,7 +179,7 @@ class StepLogger:
                    bad_samples: int) -> Optional[Dict[str, float]]:
         """Count the step's images; on logging steps (and the last) reduce, check, record and print. Returns the
         reduced values on logging steps (all finite), else None."""
-        from . import dist
+        from training import distributed as dist
         self.throughput.add(sum(b["image"].shape[0] for b in batches) * self.world)
         if self.progress is not None:
             self.progress.update(1)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import meditok
 from training.flops import peak_flops
 from training.optim import adamw
-from . import dist
+from training import distributed as dist
 from .args import Args
 from meditok.seeding import rank_seed
 
