@@ -19,9 +19,10 @@ import meditok
 from meditok.data import MedicalImageError
 from training import distributed as dist
 from tokenizer_training.args import parse_args
-from tokenizer_training.checkpointing import Checkpointer
+from tokenizer_training import checkpointing
 from tokenizer_training.monitor import ReconstructionGrids, StepLogger
 from tokenizer_training.preflight import check_networks
+from training.checkpoint_files import RunError
 from training.stopping import StopRequests
 from tokenizer_training.runtime import setup_runtime
 from tokenizer_training.schedule import Schedule
@@ -34,9 +35,9 @@ def main(argv=None) -> int:
     device = setup_runtime(args)
     run_dir = Path(args.output_dir)
     check_networks(args)  # every missing teacher / loss network named at once, before anything is built
-    checkpointer = Checkpointer(run_dir, args.keep_checkpoints, args)  # locks the run folder first
-    stops, stopped, logger, data = None, "", None, None
+    stops, stopped, logger, data, checkpointer = None, "", None, None, None
     try:
+        checkpointer = checkpointing.checkpointer(args, run_dir)  # locks the run folder first
         trainer = Trainer(args, device)
         data = TrainingData(args, trainer.img_size, trainer.text_tokenizer, run_dir, dist.rank(), dist.world_size(),
                             device.type)
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
                     meditok.save_meditok(trainer.ema.module, run_dir / "tokenizer_ema")
             logger.finish(step)
             logger.print(f"[train] tokenizer → {run_dir / 'tokenizer'}; {data.bad_samples} bad sample(s) skipped")
-    except (FloatingPointError, MedicalImageError) as error:  # the non-finite stop, --on-bad-sample raise: one message
+    except (FloatingPointError, MedicalImageError, RunError) as error:  # the non-finite stop, --on-bad-sample
+        # raise, a refused run folder or a full disk: one message
         print(f"[train] error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -3,7 +3,6 @@ out here, and its checkpoint (two heads) through save, resume and the report-agr
 import json
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +58,7 @@ def test_combined_stage_has_both_terms_with_their_weights_and_gradients(tiny_net
     assert ours["heads.vision.proj.weight"].abs().sum() > 0 and ours["heads.text.proj.weight"].abs().sum() > 0
 
 
-def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_path, deterministic):
+def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_path, deterministic, capsys):
     """3 steps straight == 2 steps, stop, --resume auto, 1 more: both heads (and their optimiser state) are
     restored; the run's text head is what the report-agreement loader reads; a one-head run refuses it."""
     from evaluation.report_metrics import load_text_head
@@ -83,9 +82,9 @@ def test_combined_stage_resumes_exactly_and_its_text_head_loads(train_argv, tmp_
                for r in records)
     head = load_text_head(resumed)  # a run folder: its newest checkpoint
     torch.testing.assert_close(head.proj.weight, b["heads"]["text"]["proj.weight"])
-    with pytest.raises(SystemExit, match="resume it with the --stage"):  # a stage-2 run over stage-3 heads
-        train.main(train_argv(resumed, resume=str(resumed / "ckpt-00000002.pth"), output_dir=str(tmp_path / "s2"),
-                              **{**common, "stage": 2}))
+    assert train.main(train_argv(resumed, resume=str(resumed / "ckpt-00000002.pth"), output_dir=str(tmp_path / "s2"),
+                                 **{**common, "stage": 2})) == 1  # a stage-2 run over stage-3 heads
+    assert "resume it with the --stage" in capsys.readouterr().err
 
 
 def test_same_caption_pairs_can_be_left_out_of_the_contrastive_loss(tiny_networks):

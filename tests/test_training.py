@@ -13,6 +13,7 @@ import torch
 import train
 from meditok.data import MedicalImageError
 from tokenizer_training import checkpointing
+from training import checkpoint_files, checkpointer
 from tokenizer_training.args import Args, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(train_argv, tmp_path
     def dying_save(obj, f, *a, **k):  # write part of a file, then die like a killed process
         real_save({"x": torch.zeros(10)}, f, *a, **k)
         raise KeyboardInterrupt("killed during save")
-    monkeypatch.setattr(checkpointing.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint_files.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        checkpointing.atomic_torch_save({"x": torch.zeros(1000)}, checkpointing.checkpoint_path(run, 2))
-    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+        checkpointer.atomic_torch_save({"x": torch.zeros(1000)}, checkpointer.checkpoint_path(run, 2))
+    monkeypatch.setattr(checkpoint_files.torch, "save", real_save)
     assert [p.name for p in checkpointing.list_checkpoints(run)] == ["ckpt-00000001.pth"]
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert checkpointing.load_checkpoint(good[0])["step"] == 1

@@ -2,12 +2,14 @@
 pruned, one trainer per run folder, stale temp files removed, a full disk reported in one message."""
 import errno
 import json
+import re
 
 import pytest
 import torch
 
 import train
 from tokenizer_training import checkpointing
+from training import checkpointer
 
 
 def all_finite(path):
@@ -59,9 +61,9 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(train_argv, tmp_path, mo
 
 def test_pruning_keeps_the_healthy_checkpoint(tmp_path):
     for step in (15, 20, 22, 24):
-        checkpointing.atomic_torch_save({"step": step}, checkpointing.checkpoint_path(tmp_path, step))
-    (tmp_path / checkpointing.HEALTHY_FILE).write_text(json.dumps({"checkpoint": "ckpt-00000015.pth"}))
-    checkpointing.prune_checkpoints(tmp_path, keep=2)
+        checkpointer.atomic_torch_save({"step": step}, checkpointer.checkpoint_path(tmp_path, step))
+    (tmp_path / checkpointer.HEALTHY_FILE).write_text(json.dumps({"checkpoint": "ckpt-00000015.pth"}))
+    checkpointer.prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == [
         "ckpt-00000024.pth", "ckpt-00000022.pth", "ckpt-00000015.pth"]
 
@@ -69,7 +71,7 @@ def test_pruning_keeps_the_healthy_checkpoint(tmp_path):
 def test_a_finite_logged_step_marks_the_checkpoint_before_it_healthy(train_argv, tmp_path):
     run = tmp_path / "run"
     assert train.main(train_argv(run, max_steps=5, save_every=2, adv_weight=0, lpips_weight=0)) == 0
-    assert checkpointing.healthy_checkpoint(run).name == "ckpt-00000004.pth"
+    assert checkpointer.healthy_checkpoint(run).name == "ckpt-00000004.pth"
 
 
 def test_resume_auto_skips_checkpoints_of_non_finite_weights(train_argv, tmp_path):
@@ -79,19 +81,19 @@ def test_resume_auto_skips_checkpoints_of_non_finite_weights(train_argv, tmp_pat
     bad = dict(good)
     bad["model"] = {k: v.clone().fill_(float("nan")) if k.endswith("weight") else v for k, v in good["model"].items()}
     bad["step"] = 3
-    checkpointing.atomic_torch_save(bad, checkpointing.checkpoint_path(run, 3))
+    checkpointer.atomic_torch_save(bad, checkpointer.checkpoint_path(run, 3))
     with pytest.warns(UserWarning, match=r"setting aside checkpoint .*ckpt-00000003\.pth.*: \d+ tensors hold NaN"):
         found = checkpointing.find_resume_checkpoint(run)
     assert found["step"] == 2 and (run / "ckpt-00000003.pth.unusable").exists()
 
 
-def test_a_second_trainer_on_a_locked_run_folder_stops_at_once(train_argv, tmp_path):
+def test_a_second_trainer_on_a_locked_run_folder_stops_at_once(train_argv, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    first = checkpointing.RunFolderLock(run)  # a trainer holding the folder
+    first = checkpointer.RunFolderLock(run)  # a trainer holding the folder
     try:
-        with pytest.raises(SystemExit, match=r"in use by a running trainer \(host .*, pid \d+\)"):
-            train.main(train_argv(run, max_steps=1, adv_weight=0, lpips_weight=0))
+        assert train.main(train_argv(run, max_steps=1, adv_weight=0, lpips_weight=0)) == 1
+        assert re.search(r"in use by a running trainer \(host .*, pid \d+\)", capsys.readouterr().err)
         assert not checkpointing.list_checkpoints(run) and not (run / "metrics.jsonl").exists()
     finally:
         first.release()
@@ -111,17 +113,17 @@ def test_stale_temp_files_of_a_killed_save_are_removed(train_argv, tmp_path, cap
     assert f"removed {stale}" in capsys.readouterr().out
 
 
-def test_a_full_disk_during_a_save_gives_one_message(train_argv, tmp_path, monkeypatch):
+def test_a_full_disk_during_a_save_gives_one_message(train_argv, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     assert train.main(train_argv(run, max_steps=4, save_every=2, stop_at_step=2, adv_weight=0, lpips_weight=0)) == 0
 
     def full_disk(obj, path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from OSError(
             errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpointing, "atomic_torch_save", full_disk)
-    with pytest.raises(SystemExit) as caught:
-        train.main(train_argv(run, max_steps=4, save_every=2, resume="auto", adv_weight=0, lpips_weight=0))
-    message = str(caught.value)
+    monkeypatch.setattr(checkpointer, "atomic_torch_save", full_disk)
+    capsys.readouterr()
+    assert train.main(train_argv(run, max_steps=4, save_every=2, resume="auto", adv_weight=0, lpips_weight=0)) == 1
+    message = capsys.readouterr().err
     assert "ckpt-00000004.pth" in message and "the disk is full" in message and "GB free" in message
     assert "ckpt-00000002.pth is intact" in message and "--resume auto" in message
     assert checkpointing.load_checkpoint(run / "ckpt-00000002.pth")["step"] == 2
@@ -133,7 +135,7 @@ def test_flipped_bytes_are_caught_by_the_checksum(train_argv, tmp_path):
     run = tmp_path / "run"
     assert train.main(train_argv(run, max_steps=6, save_every=2, stop_at_step=4, adv_weight=0, lpips_weight=0)) == 0
     newest = checkpointing.list_checkpoints(run)[0]
-    assert newest.name == "ckpt-00000004.pth" and checkpointing.checksum_path(newest).is_file()
+    assert newest.name == "ckpt-00000004.pth" and checkpointer.checksum_path(newest).is_file()
     data = bytearray(newest.read_bytes())
     at = len(data) // 2
     data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
@@ -144,22 +146,22 @@ def test_flipped_bytes_are_caught_by_the_checksum(train_argv, tmp_path):
     assert (run / "ckpt-00000004.pth.unusable").exists()
 
 
-def test_a_run_folder_without_usable_checkpoints_stops_instead_of_restarting(train_argv, tmp_path):
+def test_a_run_folder_without_usable_checkpoints_stops_instead_of_restarting(train_argv, tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(train_argv(run, max_steps=4, save_every=2, stop_at_step=4, adv_weight=0, lpips_weight=0)) == 0
     with open(run / "ckpt-00000004.pth", "r+b") as f:
         f.truncate(1000)
     (run / "ckpt-00000002.pth").write_text("junk")
     with pytest.warns(UserWarning, match="setting aside"):
-        with pytest.raises(SystemExit, match=r"none of its checkpoints is usable.*--resume restart"):
-            train.main(train_argv(run, max_steps=6, save_every=2, resume="auto", adv_weight=0, lpips_weight=0))
+        assert train.main(train_argv(run, max_steps=6, save_every=2, resume="auto", adv_weight=0, lpips_weight=0)) == 1
+    assert re.search(r"none of its checkpoints is usable.*--resume restart", capsys.readouterr().err)
     # nothing deleted, and a second try says the same instead of starting from 0
     assert sorted(p.name for p in run.glob("ckpt-*.unusable")) == ["ckpt-00000002.pth.unusable", "ckpt-00000004.pth.unusable"]
-    with pytest.raises(SystemExit, match="none of its checkpoints is usable"):
-        train.main(train_argv(run, max_steps=6, resume="auto", adv_weight=0, lpips_weight=0))
+    assert train.main(train_argv(run, max_steps=6, resume="auto", adv_weight=0, lpips_weight=0)) == 1
+    assert "none of its checkpoints is usable" in capsys.readouterr().err
     assert train.main(train_argv(run, max_steps=2, resume="restart", adv_weight=0, lpips_weight=0)) == 0
-    with pytest.raises(SystemExit, match="is a folder: use --resume auto"):
-        train.main(train_argv(tmp_path / "other", max_steps=2, resume=str(run)))
+    assert train.main(train_argv(tmp_path / "other", max_steps=2, resume=str(run))) == 1
+    assert "is a folder: use --resume auto" in capsys.readouterr().err
 
 
 def test_signals_to_the_process_group_stop_at_a_step_boundary_and_resume_exactly(train_argv, tmp_path,
@@ -207,9 +209,9 @@ def test_a_second_set_aside_of_the_same_name_keeps_the_first(tmp_path):
     its own checksum file, and the message names where each went."""
     names = []
     for content in (b"first damaged file", b"second damaged file"):
-        path = checkpointing.checkpoint_path(tmp_path, 24)
+        path = checkpointer.checkpoint_path(tmp_path, 24)
         path.write_bytes(content)
-        checkpointing.checksum_path(path).write_text(f"{'0' * 64}  {path.name}\n")
+        checkpointer.checksum_path(path).write_text(f"{'0' * 64}  {path.name}\n")
         with pytest.warns(UserWarning, match="setting aside"):
             assert checkpointing.find_resume_checkpoint(tmp_path) is None
         names.append(sorted(p.name for p in tmp_path.iterdir()))
@@ -217,4 +219,4 @@ def test_a_second_set_aside_of_the_same_name_keeps_the_first(tmp_path):
                          "ckpt-00000024.pth.unusable.2.sha256", "ckpt-00000024.pth.unusable.sha256"]
     assert (tmp_path / "ckpt-00000024.pth.unusable").read_bytes() == b"first damaged file"
     assert (tmp_path / "ckpt-00000024.pth.unusable.2").read_bytes() == b"second damaged file"
-    assert [p.name for p in checkpointing.set_aside_checkpoints(tmp_path)] == names[-1][:2]
+    assert [p.name for p in checkpointer.set_aside_checkpoints(tmp_path)] == names[-1][:2]

@@ -20,6 +20,12 @@ TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 LOCK_FILE = ".lock"
 
 
+class RunError(RuntimeError):
+    """A run cannot go on, for a reason one line states (a folder in use or holding another run, no usable
+    checkpoint, a full disk): every trainer's ``main`` prints it and exits 1. Library code raises this, never
+    ``SystemExit``."""
+
+
 class _HashingWriter:
     """A write-only file wrapper that hashes what passes through (torch.save writes its zip sequentially)."""
 
@@ -98,7 +104,7 @@ class RunFolderLock:
     folder stops at once instead of overwriting the first one's checkpoints. The OS releases it when the
     holder exits or dies, so ``--resume auto`` after a crash just proceeds."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, out_flag: str = "--out"):
         import fcntl
         self.path = Path(run_dir) / LOCK_FILE
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -107,8 +113,8 @@ class RunFolderLock:
         except BlockingIOError:
             holder = self.path.read_text().strip() or "another process"
             os.close(self._fd)
-            raise SystemExit(f"{Path(run_dir)} is in use by a running trainer ({holder}); stop it first or pick "
-                             f"another --output-dir (nothing was changed)") from None
+            raise RunError(f"{Path(run_dir)} is in use by a running trainer ({holder}); stop it first or pick "
+                           f"another {out_flag} (nothing was changed)") from None
         except OSError as e:  # a file system without flock (some NFS / Lustre mounts): run unprotected
             warnings.warn(f"cannot lock {self.path} ({e.strerror}): a second trainer on this folder would not be "
                           f"stopped")
