@@ -1,4 +1,5 @@
-"""Training arguments: one typed dataclass, defaults from docs/method.md §2, filled from a JSON config file and
+"""The tokenizer trainer's arguments: one typed dataclass (flags, config files and checks from
+``training.config``, shared by every trainer), defaults from docs/method.md §2, filled from a JSON config file and
 then the command line (command line wins). Saved into the run folder and into every checkpoint.
 
     python train.py --config configs/stage1_tiny_cpu.json --max-steps 50 --batch-size 4
@@ -6,16 +7,16 @@ then the command line (command line wins). Saved into the run folder and into ev
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from meditok.config import PRESETS
-from training.options import PRECISIONS, ArgumentParser, check_numbers, resolve_config
 from meditok.model import MedITok
+from training import config
+from training.options import PRECISIONS, ArgumentParser, check_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,21 +173,14 @@ class Args:
         return self.text_teacher or self.biomedclip
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return config.to_dict(self)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], source: str = "config") -> "Args":
-        d = _translate_deprecated(dict(d), source)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown argument(s) {unknown}. Valid names: `python train.py --help`.")
-        hints = get_type_hints(cls)
-        return cls(**{k: _coerce(v, hints[k], k, source) for k, v in d.items()})
+        return config.from_dict(cls, _translate_deprecated(dict(d), source), source, "python train.py --help")
 
 
 # Switches replaced by "weight 0 turns a term off"; saved args.json files and old commands still read.
@@ -198,47 +192,12 @@ def _translate_deprecated(d: Dict[str, Any], source: str) -> Dict[str, Any]:
         if old not in d:
             continue
         value = d.pop(old)
-        on = _parse_bool(value) if isinstance(value, str) else bool(value)
+        on = config.parse_bool(value) if isinstance(value, str) else bool(value)
         if not on:
             d[weight] = 0.0
         warnings.warn(f"{source}: '{old}' is deprecated and will go; use '{weight}' (0 turns the term off)"
                       + ("" if on else f" — read as {weight} = 0"), FutureWarning, stacklevel=3)
     return d
-
-
-def _coerce(value: Any, hint: Any, name: str = "", source: str = "config") -> Any:
-    """A config value as the field's type; a value of another type is an error naming the key and the file
-    ("batch_size": "8" or 8.5), while an integral float for an int and an int for a float are accepted."""
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"{source}: {name!r} must be {expected}, got {value!r}")
-    if get_origin(hint) is tuple:
-        item, n = get_args(hint)[0], len(get_args(hint))
-        if not isinstance(value, (list, tuple)) or len(value) != n:
-            raise bad(f"a list of {n} numbers")
-        return tuple(_coerce(v, item, name, source) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise bad("a whole number")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        raise bad("a string")
-    return value
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,51 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", help="JSON config: a path or a name in configs/ (e.g. stage1_tiny_cpu); "
                         "values on the command line win over it")
-    hints = get_type_hints(Args)
-    comments = _field_comments()
-    for f in fields(Args):
-        hint = hints[f.name]
-        kwargs: Dict[str, Any] = {"default": None, "dest": f.name,
-                                  "help": f"{comments.get(f.name, '')} (default: {f.default})"}
-        if hint is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        elif get_origin(hint) is tuple:
-            kwargs.update(type=get_args(hint)[0], nargs=len(get_args(hint)))
-        else:
-            kwargs.update(type=hint)
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        names += ["--out"] if f.name == "output_dir" else []  # the run-folder flag of every other command
-        parser.add_argument(*names, **kwargs)
+    config.add_dataclass_flags(parser, Args, aliases={"output_dir": ["--out"]})  # --out: every other command's
     for old in DEPRECATED_SWITCHES:  # hidden: old commands keep working, with a deprecation message
-        parser.add_argument(f"--{old}", f"--{old.replace('_', '-')}", dest=old, default=None, type=_parse_bool,
+        parser.add_argument(f"--{old}", f"--{old.replace('_', '-')}", dest=old, default=None, type=config.parse_bool,
                             nargs="?", const=True, help=argparse.SUPPRESS)
     return parser
-
-
-def _field_comments() -> Dict[str, str]:
-    """The `# ...` comment after each field above, reused as its --help text."""
-    import inspect
-    out = {}
-    for line in inspect.getsource(Args).splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith("#"):
-            name = line.split(":", 1)[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
-    return out
 
 
 # Path arguments that a config file in configs/ gives relative to the repository (resolved against it when
 # they do not exist relative to the working directory, so train.py runs from any folder).
 PATH_ARGS = ("train_csv", "train_root", "train_shards", "vis_csv", "vis_root", "init_from", "encoder_init",
              "biomedclip", "text_teacher", "lpips_vgg", "dino")
-
-
-def _resolve_config_paths(values: Dict[str, Any]) -> None:
-    for key in PATH_ARGS:
-        value = values.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists() \
-                and (ROOT / value).exists():
-            values[key] = str(ROOT / value)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None) -> Args:
@@ -308,20 +233,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     ns = parser.parse_args(argv)
     values: Dict[str, Any] = dict(defaults or {})
     try:
-        if ns.config:
-            path = resolve_config(ns.config, "stage")
-            try:
-                config = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{path}: expected a JSON object of argument names and values")
-            config.pop("_comment", None)
-            _resolve_config_paths(config)
-            values.update(config)
-        for k, v in vars(ns).items():
-            if k != "config" and v is not None:
-                values[k] = v
+        values.update(config.read_config_file(ns.config, "stage", PATH_ARGS, ROOT))
+        values.update(config.given(ns))
         return Args.from_dict(values, source=ns.config or "command line")
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
