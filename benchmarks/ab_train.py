@@ -1,4 +1,4 @@
-"""Time several training-step variants in one process: ``python -m evaluation.benchmark`` once per variant.
+"""Time several training-step variants in one process: ``python -m tokenizer_training.benchmark`` once per variant.
 
     python benchmarks/ab_train.py --out /tmp/ab --common "--preset large --stage 1 --steps 5 --warmup 3 ..." \\
         --variant baseline "--batch-sizes 32 64" \\
@@ -41,7 +41,7 @@ def _variant_options(tokens: List[str]):
 
 def run_variant(name: str, common: List[str], extra: List[str], out: Path) -> dict:
     """Run one benchmark with ``MedITok.speed_up`` patched to add this variant's tokenizer options."""
-    from evaluation import benchmark
+    from tokenizer_training import benchmark
     from meditok.model import MedITok
 
     options, rest = _variant_options(extra)

@@ -9,7 +9,7 @@
 #      baseline, channels-last, direct upsampling (± channels-last), fused LayerNorm2d+GELU (Triton),
 #      chunked quantizer scoring, CUDA graphs (± channels-last + fused norm) — one process, same weights and
 #      inputs, ids agreement % and max |Δ| of reconstructions against the baseline;
-#   2. the full training step, every loss, stage 1 (python -m evaluation.benchmark, via benchmarks/ab_train.py):
+#   2. the full training step, every loss, stage 1 (python -m tokenizer_training.benchmark, via benchmarks/ab_train.py):
 #      baseline at 32, checkpointing vit_selective+decoder_conv at 64, baseline at 64 (does not fit 80 GB),
 #      checkpointing vit and vit_selective at 64,
 #      direct upsampling at 32, stage 2 at 32 — loss gaps against the baseline at the same batch;

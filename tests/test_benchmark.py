@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import benchmark
+from tokenizer_training import benchmark
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The training step of docs/method.md §2 and everything it needs: tokenizer, alignment heads, frozen teachers,
 LPIPS, DINO discriminator, optimisers, EMA, and the run's schedule. ``train.py`` drives it over the data;
-the step benchmark (``python -m evaluation.benchmark``) drives it over synthetic batches.
+the step benchmark (``python -m tokenizer_training.benchmark``) drives it over synthetic batches.
 
 One step (``Trainer.step``), per micro-batch of the gradient accumulation:
   generator: L = 0.2·L1 + L2 + LPIPS (= L_nll) + VQ + w_c·contrast + λ_adv·hinge_G(D(aug(x̂))),

@@ -8,9 +8,9 @@ Writes ``benchmark.json`` (and prints a Markdown summary): images/s, step-time p
 achieved TFLOP/s and MFU (tokenizer FLOPs counted by ``torch.utils.flop_counter``; loss networks not
 counted, so MFU is a lower bound).
 
-    python -m evaluation.benchmark --preset large --stage 1 --batch-sizes 16 32 --biomedclip external/biomedclip \\
+    python -m tokenizer_training.benchmark --preset large --stage 1 --batch-sizes 16 32 --biomedclip external/biomedclip \\
         --dino external/dinov2_vits14 --lpips-vgg external/vgg16.pth           # one H100
-    python -m evaluation.benchmark --config stage1_tiny_cpu --batch-sizes 2 --steps 2 --no-inference  # CPU smoke run
+    python -m tokenizer_training.benchmark --config stage1_tiny_cpu --batch-sizes 2 --steps 2 --no-inference  # CPU smoke run
 
 Every training flag of ``python train.py --help`` (and ``--config``) sets up the trainer being timed;
 the benchmark's own defaults are the ``large`` preset at 256 px on the GPU when there is one.
@@ -120,7 +120,7 @@ BENCHMARK_DEFAULTS = {"preset": "large", "img_size": 256, "num_workers": 8,
 def parse(argv: Optional[List[str]] = None):
     """(benchmark options, training Args): the benchmark's own flags here, every other flag (and --config)
     through the training parser, so the timed trainer is configured exactly as ``train.py`` would be."""
-    p = argparse.ArgumentParser(prog="python -m evaluation.benchmark", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tokenizer_training.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="per-GPU batches to time")
