@@ -15,15 +15,11 @@ import torch
 
 import meditok
 
+from .options import RunError  # noqa: F401  (raised here; defined with the other command errors)
+
 # meditok.atomic_write's temp files: ".<final name>.<8 random chars>.tmp"
 TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 LOCK_FILE = ".lock"
-
-
-class RunError(RuntimeError):
-    """A run cannot go on, for a reason one line states (a folder in use or holding another run, no usable
-    checkpoint, a full disk): every trainer's ``main`` prints it and exits 1. Library code raises this, never
-    ``SystemExit``."""
 
 
 class _HashingWriter:

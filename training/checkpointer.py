@@ -19,8 +19,10 @@ A trainer hands over its state as an object with ``state_dict() -> dict`` (merge
 function of the step, as an object with ``state_dict()`` / ``load_state_dict(state)``.
 
 Checkpoints the trainers wrote before this scheme (``checkpoints/latest.pt`` and ``step_*.pt`` of the diffusion
-trainer, ``ckpt-last.pth`` of the VQA trainer, 7-digit ``ckpt-*.pth`` of the AR trainer) are found by
-``--resume auto`` as ``legacy`` names, after every checkpoint of the current scheme; they are never pruned.
+trainer, ``ckpt-last.pth`` of the VQA trainer) are found by ``--resume auto`` as ``legacy`` names, after every
+checkpoint of the current scheme; they are never pruned. The AR trainer's older 7-digit ``ckpt-*.pth`` names
+match the current pattern and are read (and pruned) like the 8-digit ones; files without a checksum sidecar
+are read unverified.
 
 Failures are exceptions, never ``SystemExit``: :class:`RunError` (a refusal or a failed save, one line naming
 the file and what to do), which every trainer's ``main`` prints and turns into exit status 1.

@@ -66,6 +66,34 @@ def check_field_types(values: Mapping[str, Any], config_class: type) -> List[str
     return problems
 
 
+class RunError(RuntimeError):
+    """A run cannot go on, for a reason one line states (a folder in use or holding another run, no usable
+    checkpoint, a full disk): every trainer's ``main`` prints it and exits 1. Library code raises this, never
+    ``SystemExit``."""
+
+
+# what a trainer's ``main`` turns into one line and an exit status (:func:`failure_status`); anything else is a bug
+# and keeps its traceback
+FAILURES = (UsageError, RunError, FloatingPointError, ValueError, FileNotFoundError)
+
+
+def failure_status(prog: str, error: BaseException) -> int:
+    """Print a trainer's failure as one line on stderr and return its exit status: 1 when the run cannot go on
+    (:class:`RunError`, non-finite weights: ``FloatingPointError``), 2 for bad input (:class:`UsageError`, with
+    the ``--help`` hint; any other ``ValueError`` / ``FileNotFoundError``, e.g. a config, cache or model file
+    whose message names the fix).
+
+        try:
+            return train(parse_args(argv))
+        except FAILURES as error:
+            return failure_status(PROG, error)
+    """
+    if isinstance(error, UsageError):
+        return usage_error(prog, error)
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return 1 if isinstance(error, (RunError, FloatingPointError)) else 2
+
+
 def usage_error(prog: str, problems: Union[str, Sequence[str], BaseException]) -> int:
     """Print the problems as one line on stderr and return 2 (the exit status of a usage error)."""
     if isinstance(problems, BaseException):
