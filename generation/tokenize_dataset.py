@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+import meditok
 from training import distributed
-from .token_cache import (TokenCache, TokenCacheError, csv_source, folder_source, label_coverage_warning,
-                          medmnist_source, shards_source, write_token_cache)
+from .token_cache import TokenCache, TokenCacheError, label_coverage_warning, write_token_cache
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -73,9 +73,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def load_tokenizer(args: argparse.Namespace, device: torch.device):
-    """(tokenizer in eval mode, a source string that meditok.load_meditok can read back later)."""
-    import meditok
+    """(tokenizer in eval mode, a source string that meditok.load_meditok can read back later).
 
+    Raises meditok.CheckpointError when --checkpoint cannot be loaded (main reports it in one line, exit 2)."""
     if args.random_tokenizer:
         from pathlib import Path
 
@@ -87,25 +87,46 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device):
         distributed.barrier()
         model = meditok.load_meditok(saved)  # what a later `sample` will load, bit for bit
         return model.to(device).eval().requires_grad_(False), str(saved)
-    try:
-        model = meditok.load_meditok(args.checkpoint, device=device)
-    except meditok.CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
+    model = meditok.load_meditok(args.checkpoint, device=device)
     return model.eval().requires_grad_(False), str(args.checkpoint)
 
 
-def build_source(args: argparse.Namespace, img_size: int):
+def source_options(args: argparse.Namespace, img_size: int) -> Tuple[str, Dict[str, Any]]:
+    """(kind, options) of the image source the flags name, for ``meditok.data.open_source``."""
     if args.csv:
-        return csv_source(args.csv, args.root, img_size, label_column=args.label_column,
-                          allow_outside_root=args.allow_outside_root)
+        return "csv", {"csv_path": args.csv, "root": args.root, "img_size": img_size,
+                       "label_column": args.label_column, "allow_outside_root": args.allow_outside_root}
     if args.folder:
-        return folder_source(args.folder, img_size, allow_outside_root=args.allow_outside_root)
+        return "folder", {"folder": args.folder, "img_size": img_size, "allow_outside_root": args.allow_outside_root}
     if args.medmnist:
-        return medmnist_source(args.medmnist, args.split, img_size)
-    return shards_source(args.shards, img_size)
+        return "medmnist", {"npz_files": args.medmnist, "split": args.split, "img_size": img_size}
+    return "shards", {"shards": args.shards, "img_size": img_size}
+
+
+def build_source(args: argparse.Namespace, img_size: int):
+    """The :class:`meditok.data.ImageSource` of the flags, from the registry of ``meditok.data.sources``."""
+    from meditok.data import open_source
+
+    kind, options = source_options(args, img_size)
+    return open_source(kind, **options)
+
+
+def exit_status(error: BaseException) -> Optional[int]:
+    """2 for bad input (a checkpoint, images or cache folder that cannot be used), 1 for a run that failed on
+    the way (a write that the disk refused), None for anything else (a bug: its traceback is shown)."""
+    from meditok.data import ImageSourceError, MedicalImageError
+
+    if isinstance(error, (TokenCacheError, ImageSourceError, MedicalImageError, meditok.CheckpointError,
+                          FileNotFoundError)):
+        return 2
+    if isinstance(error, OSError):
+        return 1
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """0 when the cache is written (or was already), 2 for bad input, 1 when the run failed on the way; an
+    error is one line on stderr (see :func:`exit_status`)."""
     args = parse_args(argv)
     device = distributed.init_distributed(args.device)
     try:
@@ -130,16 +151,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 note = label_coverage_warning(TokenCache(args.label_names_from), cache)
                 if note:
                     print(f"warning: {note}", file=sys.stderr)
-    except (TokenCacheError, FileNotFoundError) as error:
+    except Exception as error:  # these errors carry a one-line explanation that names the fix
+        status = exit_status(error)
+        if status is None:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # MedicalImageError and friends carry a one-line explanation
-        from meditok.data import MedicalImageError
-
-        if isinstance(error, MedicalImageError):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
+        return status
     finally:
         distributed.cleanup()
     return 0

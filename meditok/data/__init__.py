@@ -1,6 +1,7 @@
 """MedITok's medical image data pipeline.
 
-Reading (every format to a [3, H, W] tensor in [-1, 1]), datasets (CSV and webdataset shards),
+Reading (every format to a [3, H, W] tensor in [-1, 1]), datasets (CSV and webdataset shards), the
+registry of image sources (``meditok.data.sources``: CSV, folder, MedMNIST .npz, shards → ``open_source``),
 transforms (docs/method.md §3 augmentations), seeding (meditok.seeding), and the quality rules the data tools apply.
 Quick use::
 
@@ -31,6 +32,7 @@ from .reading import (
 )
 from ..seeding import make_worker_init_fn, seed_worker, worker_seed
 from .shards import ShardedImageDataset, StreamPosition, write_shards
+from .sources import SOURCES, ImageSource, ImageSourceError, open_source, register_source
 from .slicing import iter_volume_slices, normalise_mri_volume, slice_positions
 from .transforms import RandomCTWindow, RandomQuarterTurn, eval_transform, stage1_augmentation
 from .windows import (
@@ -50,10 +52,13 @@ __all__ = [
     "CT_WINDOWS",
     "DEFAULT_CT_WINDOW",
     "ImageQualityThresholds",
+    "ImageSource",
+    "ImageSourceError",
     "MRISliceThresholds",
     "MedicalImageError",
     "RandomCTWindow",
     "RandomQuarterTurn",
+    "SOURCES",
     "SUPPORTED_FORMATS",
     "ShardedImageDataset",
     "StreamPosition",
@@ -66,9 +71,11 @@ __all__ = [
     "mri_slice_rejection_reasons",
     "normalise_modality",
     "normalise_mri_volume",
+    "open_source",
     "read_ct_hu",
     "read_image",
     "read_volume",
+    "register_source",
     "resolve_under_root",
     "rgb_proxy",
     "seed_worker",
