@@ -1,7 +1,10 @@
 """Paper Table 3: gFID and diversity of images generated over MedITok tokens, per modality.
 
 Generated images come from a ``samples.npz`` written by ``python -m generation.sample`` (``--samples``), or are
-sampled here from a generator checkpoint (``--generator``, temperature 1, no CFG by default, as in the paper).
+sampled here from a generator checkpoint (``--generator``, temperature 1, no CFG by default, as in the paper) of
+any registered kind (:mod:`generation.generators`: ``ar``, the autoregressive generator; ``diffusion``, the joint
+image–report diffusion model, whose label-only ``joint`` task gives the images), detected from the checkpoint's
+format unless ``--kind`` names it.
 Real held-out images of the same modalities (``--real-csv`` / ``--real-folder`` / ``--real-medmnist``) are read
 by ``meditok.data`` at the generated images' size (resize short side, centre crop).
 
@@ -11,11 +14,16 @@ Examples::
         --real-csv datasets/meta/examples_val.csv --real-root datasets/examples --random-inception
     python -m evaluation.synthesis --generator runs/synthesis_B/generator.pth --per-label 1000 \\
         --real-medmnist ~/.medmnist/{blood,breast,chest,derma,path,retina}mnist_224.npz --split test
+    python -m evaluation.synthesis --generator runs/diffusion --kind diffusion --per-label 100 \\
+        --real-csv data/test.csv --real-root data/
 
 Writes ``OUT/synthesis.json``, ``.md`` (Table 3 layout with the paper's rows beside ours, then per modality)
 and ``.csv`` (per modality). gFID: pytorch-fid InceptionV3 pool3 features, images quantised to uint8 →
 [0, 1], resized to 299 inside pytorch-fid (docs/evaluation.md). Diversity: mean over modalities of the
 mean (1 − MS-SSIM) over all distinct pairs of that modality's samples (evaluation/generation_metrics.py).
+
+Exit status: 0 done; 2 bad usage (a flag, a missing or wrong input file, an unknown label or generator kind);
+1 a failure while running (e.g. an unreadable real image). Errors are one line on stderr.
 """
 from __future__ import annotations
 
@@ -27,11 +35,22 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from training.checkpoint_files import RunError
+from training.options import UsageError, usage_error
+
 from . import fid_inception
 from .generation_metrics import diversity_over_modalities, gfid_per_modality
 from .metrics import quantize_to_unit
 from .paper import PAPER
 from .report import environment, markdown_table, relative, write_outputs
+
+PROG = "python -m evaluation.synthesis"
+
+
+def generator_kinds() -> List[str]:
+    """The registered generator kinds (:data:`generation.generators.GENERATORS`): ``ar``, ``diffusion``."""
+    from generation.generators import GENERATORS
+    return list(GENERATORS)
 
 # Table 3 of the paper: LlamaGen-B trained on each tokenizer's tokens of six MedMNIST subsets.
 TABLE3_PAPER = [
@@ -41,41 +60,82 @@ TABLE3_PAPER = [
     {"tokenizer": "MedITok", "generator": "LlamaGen-B", "gfid": 76.78, "gfid_pm": 1.91, "diversity": 0.6883},
 ]
 MIN_GFID_IMAGES = 100
+GENERATOR_OF_SAMPLES = "AR (generation.ar_model)"  # what the report names for --samples (generation.sample's model)
 RANDOM_INCEPTION_GFID_WARNING = (
     "gFID WAS COMPUTED WITH A RANDOMLY INITIALISED INCEPTION (--random-inception): a smoke test only; "
     "the gFID values are NOT comparable to the paper or to any other FID")
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (some name their fix on a second line)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+
+
 def load_generated(args: argparse.Namespace) -> Dict[str, Any]:
-    """images uint8 [N, H, W, 3], labels [N], label_names, and where they came from."""
+    """images uint8 [N, H, W, 3], labels [N], label_names, and where they came from.
+
+    Raises :class:`UsageError` for a missing or malformed ``--samples`` file and for a generator checkpoint, label
+    or decoding tokenizer that cannot be used."""
     if args.samples:
         path = Path(args.samples)
         if not path.is_file():
-            raise SystemExit(f"error: {path}: samples file not found (write one with python -m generation.sample)")
-        data = np.load(path)
-        missing = [k for k in ("images", "labels", "label_names") if k not in data.files]
+            raise UsageError(f"{path}: samples file not found (write one with python -m generation.sample)")
+        try:
+            data = np.load(path)
+            files = data.files
+        except (OSError, ValueError, AttributeError) as error:
+            raise UsageError(f"{path}: not a readable .npz samples file ({one_line(error)})") from None
+        missing = [k for k in ("images", "labels", "label_names") if k not in files]
         if missing:
-            raise SystemExit(f"error: {path}: lacks array(s) {missing}; it was not written by generation.sample")
+            raise UsageError(f"{path}: lacks array(s) {missing}; it was not written by generation.sample")
         return {"images": data["images"], "labels": data["labels"], "label_names": [str(n) for n in data["label_names"]],
-                "source": relative(path), "sampling": None}
-    from generation.ar_model import load_generator
-    from generation.sample import load_decoder, run_sampling, sample_labels
+                "source": relative(path), "sampling": None, "generator": GENERATOR_OF_SAMPLES}
+    from generation.generators import generator_for, generator_for_checkpoint
+    from generation.sample import load_decoder, sample_labels
 
     device = torch.device(args.device)
     try:
-        model, info = load_generator(args.generator, device=device)
-        label_names = info.get("label_names")
+        kind = generator_for_checkpoint(args.generator) if args.kind == "auto" else generator_for(args.kind)
+        model, info = kind.load(args.generator, device=device)
+        label_names = info["label_names"]
         labels = sample_labels(model, label_names, args.labels, args.per_label, args.generator)
         tokenizer = load_decoder(info, args.tokenizer, False, device, args.generator)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError, UnknownGeneratorError, config errors
+        raise UsageError(one_line(error)) from None
     out = Path(args.out) / "samples"
-    stats = run_sampling(model, tokenizer, labels, label_names, out, batch_size=args.batch_size, seed=args.seed,
-                         cfg_scale=args.cfg_scale, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    settings = {"temperature": 1.0, "cfg_scale": args.cfg_scale}
+    stats = sample_and_decode(kind, model, tokenizer, labels, label_names, out, batch_size=args.batch_size,
+                              seed=args.seed, progress=not args.quiet,
+                              amp_dtype=torch.bfloat16 if device.type == "cuda" else None, **settings)
     data = np.load(out / "samples.npz")
     return {"images": data["images"], "labels": data["labels"], "label_names": label_names,
-            "source": relative(Path(args.generator)), "sampling": {**stats, "seed": args.seed, "temperature": 1.0,
-                                                                    "cfg_scale": args.cfg_scale}}
+            "source": relative(Path(args.generator)), "generator": kind.description,
+            "sampling": {**stats, "seed": args.seed, **settings, "kind": kind.name,
+                         "settings": kind.describe_sampling(**settings)}}
+
+
+def sample_and_decode(kind, model, tokenizer, labels: torch.Tensor, label_names: List[str], out: Path, *,
+                      batch_size: int, seed: int, progress: bool, **settings: Any) -> Dict[str, float]:
+    """Sample ids per label through the generator protocol, decode them, write ``OUT/grid_<label>.png`` and
+    ``OUT/samples.npz`` (as :func:`generation.sample.run_sampling` does for the AR generator, with the same ids);
+    returns timing numbers."""
+    from generation.generators import sample_ids
+    from generation.sample import decode, save_grid, save_npz_atomically, to_uint8
+
+    ids, seconds = sample_ids(kind, model, labels, batch_size=batch_size, seed=seed, progress=progress, **settings)
+    grid = tuple(model.config.grid)
+    images = to_uint8(decode(tokenizer, ids.to(tokenizer.device), grid))
+    for label in labels.unique().tolist():
+        rows = (labels == label).nonzero().flatten().numpy()
+        shown = min(len(rows), 64)
+        title = f"{label_names[label]}: " + (f"{shown} samples" if shown == len(rows) else
+                                            f"first {shown} of {len(rows)} samples")
+        save_grid(images[rows[:64]], out / f"grid_{label_names[label]}.png", title=title)
+    save_npz_atomically(out / "samples.npz", images=images, ids=ids.numpy().astype(np.uint16),
+                        labels=labels.numpy(), label_names=np.array(list(label_names)))
+    n, tokens = len(labels), ids.shape[1] * ids.shape[2]
+    return {"images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
+            "tokens_per_s": n * tokens / max(seconds, 1e-9)}
 
 
 def load_real(args: argparse.Namespace, img_size: int) -> Dict[str, torch.Tensor]:
@@ -160,7 +220,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     gen = parser.add_argument_group("generated images (one of)")
     gen.add_argument("--samples", help="samples.npz from python -m generation.sample")
-    gen.add_argument("--generator", help="generator checkpoint to sample from here (temperature 1)")
+    gen.add_argument("--generator", help="generator checkpoint to sample from here (temperature 1), of any kind")
+    gen.add_argument("--kind", default="auto", choices=["auto", *generator_kinds()],
+                     help="with --generator: the generator kind (default auto: detected from the checkpoint's format)")
     gen.add_argument("--per-label", type=int, default=100, help="with --generator: images per label (default 100)")
     gen.add_argument("--labels", nargs="+", default=None, help="with --generator: label names (default all)")
     gen.add_argument("--cfg-scale", type=float, default=None, help="with --generator: CFG scale (default off, as the paper)")
@@ -186,6 +248,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.samples) == bool(args.generator):
         parser.error("give exactly one of --samples NPZ or --generator CKPT")
+    if args.samples and args.kind != "auto":
+        parser.error("--kind applies to --generator only (a samples file is read whatever made it)")
     if sum(bool(x) for x in (args.real_csv, args.real_folder, args.real_medmnist)) != 1:
         parser.error("give exactly one of --real-csv, --real-folder, --real-medmnist")
     if args.cfg_scale is not None and args.cfg_scale < 0:
@@ -194,7 +258,18 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """0 done; 2 bad usage (:class:`UsageError`, one line on stderr); 1 a run failure (:class:`RunError`)."""
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except UsageError as error:
+        return usage_error(PROG, one_line(error))
+    except RunError as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     generated = load_generated(args)
     img_size = int(generated["images"].shape[1])
@@ -204,8 +279,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from generation.token_cache import TokenCacheError
         from meditok.data import MedicalImageError
 
-        if isinstance(error, (MedicalImageError, TokenCacheError)):
-            raise SystemExit(f"error: {error}") from None
+        given = {str(p) for p in (args.real_csv, args.real_folder, *(args.real_medmnist or ())) if p}
+        if isinstance(error, MedicalImageError) and getattr(error, "path", None) not in given:
+            raise RunError(one_line(error)) from None  # an image of the real set that cannot be read: the run fails
+        if isinstance(error, MedicalImageError):  # the --real-* input itself (missing CSV, lacking a column)
+            raise UsageError(one_line(error)) from None
+        if isinstance(error, (TokenCacheError, FileNotFoundError)):  # a missing CSV, folder, column or file
+            raise UsageError(one_line(error)) from None
         raise
     inception, fid_info = None, {"network": "none (--no-fid)"}
     if not args.no_fid:
@@ -213,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             inception = fid_inception.build_fid_inception(args.inception_weights, random_weights=args.random_inception,
                                                           seed=args.seed, device=device)
         except fid_inception.InceptionWeightsError as error:
-            raise SystemExit(f"error: {error}\n(or pass --no-fid for diversity only)") from None
+            raise UsageError(f"{one_line(error)} (or pass --no-fid for diversity only)") from None
         fid_info = fid_inception.describe(args.inception_weights, args.random_inception)
     summary = evaluate(generated, real, inception, args.batch_size)
     few = [r["modality"] for r in summary["per_modality"] if "not meaningful" in r["note"]]
@@ -226,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "sampling": generated["sampling"]},
         "real": {"source": relative(Path(args.real_csv or args.real_folder or args.real_medmnist[0])),
                  "images": {k: len(v) for k, v in real.items()}},
-        "tokenizer": "MedITok tokens (see the generator's token cache)", "generator": "AR (generation.ar_model)",
+        "tokenizer": "MedITok tokens (see the generator's token cache)", "generator": generated["generator"],
         "fid_network": fid_info,
         "conventions": {
             "gfid": "Fréchet distance of pytorch-fid InceptionV3 pool3 features, generated vs real images of each "

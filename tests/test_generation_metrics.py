@@ -111,3 +111,34 @@ def test_synthesis_cli_writes_table3_with_paper_rows_and_flags_random_inception(
     markdown = (tmp_path / "out" / "synthesis.md").read_text()
     assert "76.78 ± 1.91" in markdown and "0.6883" in markdown and "WARNING" in markdown
     assert (tmp_path / "out" / "synthesis.csv").is_file()
+
+
+def test_synthesis_cli_bad_samples_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from evaluation import synthesis
+
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "text.npz").write_text("not an npz")
+    for name, says in (("missing.npz", "samples file not found"), ("other.npz", "lacks array(s) ['labels', 'label_names']"),
+                       ("text.npz", "not a readable .npz samples file")):
+        code = synthesis.main(["--samples", str(tmp_path / name), "--real-folder", str(tmp_path), "--no-fid",
+                               "--out", str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and says in err, (name, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthesis_cli_missing_real_csv_is_usage_2_and_a_broken_real_image_a_run_failure_1(tmp_path, capsys):
+    from evaluation import synthesis
+
+    np.savez(tmp_path / "samples.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.array([0, 0, 1, 1]),
+             label_names=np.array(["ct", "fundus"]))
+    (tmp_path / "broken.png").write_bytes(b"")
+    (tmp_path / "bad.csv").write_text("identifier,caption,modality\nbroken.png,x,ct\n")
+    common = ["--samples", str(tmp_path / "samples.npz"), "--real-root", str(tmp_path), "--no-fid",
+              "--out", str(tmp_path / "out"), "--quiet"]
+    assert synthesis.main(common + ["--real-csv", str(tmp_path / "missing.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metadata CSV not found" in err
+    assert synthesis.main(common + ["--real-csv", str(tmp_path / "bad.csv")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.png" in err and "empty" in err
