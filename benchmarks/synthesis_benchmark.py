@@ -24,8 +24,8 @@ import torch
 
 from generation.ar_model import ARGenerator, count_training_flops, get_ar_config
 from generation.sample import generate
-# a benchmark of the training step: the trainer's own settings and optimiser (allowed in tests/test_import_contract.py)
-from generation.train_ar import TrainConfig, make_optimizer
+# the training step with the trainer's settings and optimiser (generation.ar_training, not the trainer itself)
+from generation.ar_training import TrainConfig, make_optimizer
 from training.flops import peak_flops
 
 

@@ -9,15 +9,20 @@ Examples::
     python -m generation.train_ar --config ... --resume auto                          # continue a stopped run
 
 A run folder holds ``metrics.jsonl`` (loss, lr, images/s, tokens/s, MFU; val loss every --eval-every),
-``ckpt-*.pth`` (atomic, the last --keep-checkpoints), ``samples/step-*/grid_<label>.png`` every
---sample-every steps, ``baselines.json`` (the unigram code distribution's cross-entropy on the
-validation cache), ``loss_curves.png``, ``config.json`` (resolved settings) and the final ``generator.pth``
-(load with ``generation.ar_model.load_generator``; sample with ``python -m generation.sample``).
+``ckpt-{step:08d}.pth`` (atomic, each with a ``.sha256`` beside it; the last --keep-checkpoints and the one
+``healthy.json`` names), ``samples/step-*/grid_<label>.png`` every --sample-every steps, ``baselines.json`` (the
+unigram code distribution's cross-entropy on the validation cache), ``loss_curves.png``, ``config.json`` (resolved
+settings) and the final ``generator.pth`` (load with ``generation.ar_model.load_generator``; sample with
+``python -m generation.sample``).
 
-The loop is made of named parts: :class:`TokenBatches` (which rows each step and rank reads),
-:class:`Checkpointer` (atomic save / resume), :class:`RunLogger` (metrics.jsonl, console, plot) and
-:class:`SampleGrids` (decoded samples per label). Resuming is exact: the batch of step s and its
-class-dropout draws depend only on (seed, s), and model, EMA and optimizer state are restored.
+The loop is made of named parts: :class:`TokenBatches` (which rows each step and rank reads: the shared
+:class:`training.sampler.StepSampler`), :class:`TrainingState` (what a checkpoint holds) saved and restored by
+the run folder's :class:`training.checkpointer.Checkpointer` (the folder locked, checksums, ``--resume
+auto|restart|PATH``, each rank's RNG states), :class:`RunLogger` (metrics.jsonl, console, plot) and
+:class:`SampleGrids` (decoded samples per label). Resuming is exact: the batch of step s and its class-dropout
+draws depend only on (seed, s), and model, EMA, optimizer and RNG states are restored. Run folders of the
+earlier 7-digit ``ckpt-*.pth`` names (no checksum) resume as they are. The settings, the learning rate and the
+optimiser are :mod:`generation.ar_training`'s.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,103 +40,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import meditok
 from training import distributed
-from training.options import (PRECISIONS, ArgumentParser, UsageError, check_field_types, check_numbers,
-                              resolve_config, usage_error)
-from training.checkpoint_files import atomic_torch_save, checksum_path, verify_checksum
+from training.checkpoint_files import atomic_torch_save
+from training.checkpointer import Checkpointer, nonfinite_names
 from training.flops import peak_flops
 from training.metrics import MetricsLog
-from training.optim import adamw
-from training.schedules import cosine_lr, set_lr
+from training.options import FAILURES, ArgumentParser, UsageError, failure_status
+from training.sampler import StepSampler
+from training.schedules import set_lr
 from training.stopping import StopRequests
 from .ar_model import GENERATOR_FORMAT, ARConfig, ARGenerator, count_training_flops, generator_payload, get_ar_config
-from .token_cache import TokenCache, TokenCacheError, check_same_tokenizer
+from .ar_training import TrainConfig, learning_rate, make_optimizer
+from .token_cache import TokenCache, check_same_tokenizer
 
 PROG = "python -m generation.train_ar"
 
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run (a JSON config file sets any of them; command-line flags override)."""
-
-    train_cache: str = ""
-    val_cache: str = ""
-    out: str = "runs/synthesis"
-    preset: str = "tiny"
-    head: str = "sequential"
-    model: Dict[str, Any] = field(default_factory=dict)   # ARConfig overrides (e.g. {"class_dropout": 0.1})
-    batch_size: int = 128          # global, over all processes
-    epochs: float = 200.0
-    max_steps: int = 0             # > 0: stop here instead of after `epochs`
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ema: float = 0.0               # EMA decay (0 = off)
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    precision: str = "auto"        # auto: bf16 autocast on a GPU, fp32 on a CPU; or fp32 / bf16
-    bf16: bool = True              # older spelling: with precision auto, false keeps a GPU in fp32
-    log_every: int = 10
-    eval_every: int = 100
-    sample_every: int = 0          # 0 = only at the end
-    sample_per_label: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    peak_tflops: float = 0.0       # 0: look the GPU up in training.flops.PEAK_BF16_TFLOPS
-    resume: str = ""               # "auto" = the newest ckpt in `out`, "restart" = from step 0, or a checkpoint path
-
-    @classmethod
-    def from_sources(cls, config_path: Optional[str], overrides: Dict[str, Any]) -> "TrainConfig":
-        values: Dict[str, Any] = {}
-        if config_path:
-            path = resolve_config(config_path, "synthesis_")
-            values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        problems = check_field_types(values, cls) + check_numbers(
-            values, positive=("batch_size", "epochs", "lr", "log_every", "keep_checkpoints"),
-            non_negative=("max_steps", "warmup_steps", "grad_clip", "weight_decay", "eval_every", "sample_every",
-                          "sample_per_label", "save_every", "peak_tflops"),
-            unit_interval=("beta1", "beta2", "ema"))
-        problems += model_override_problems(values.get("model") or {})
-        if values.get("precision", "auto") not in PRECISIONS:
-            problems.append(f"--precision must be {', '.join(PRECISIONS)}, got {values['precision']!r}")
-        if problems:
-            raise UsageError("; ".join(problems))
-        return cls(**values)
-
-
-# set from the token cache (or by --preset / --head), never through --model
-CACHE_SET_FIELDS = ("preset", "head", "grid", "num_labels", "num_codebooks", "codebook_size")
-
-
-def model_override_problems(model: Any) -> List[str]:
-    """What is wrong with a --model override: not a JSON object, an unknown ARConfig field, or a field the token
-    cache decides."""
-    if not isinstance(model, dict):
-        return [f"--model must be a JSON object of generator settings, got {model!r}"]
-    known = {f.name for f in dataclasses.fields(ARConfig)}
-    problems = [f"--model: unknown generator setting {k!r} (known: {', '.join(sorted(known - set(CACHE_SET_FIELDS)))})"
-                for k in model if k not in known]
-    problems += [f"--model: {k!r} is set by the token cache (or --preset / --head), not by --model" for k in model
-                 if k in CACHE_SET_FIELDS]
-    return problems
+__all__ = ["TrainConfig", "TokenBatches", "TrainingState", "learning_rate", "main", "make_optimizer", "train",
+           "unigram_baselines"]
 
 
 # --------------------------------------------------------------------------------------------------
 # Data
 
 class TokenBatches:
-    """Which cache rows each step reads: a fresh permutation per epoch (seeded by seed and epoch), full
-    global batches only, each rank taking its contiguous slice. ``class_dropout_uniform(step)`` gives the
-    global batch's class-dropout draws, sliced the same way, so N processes train exactly like one."""
+    """Which cache rows each step reads, :class:`training.sampler.StepSampler` over the cache (a permutation per
+    epoch seeded by (seed, epoch), full global batches only, each rank taking its contiguous slice), and
+    ``class_dropout_uniform(step)``, the global batch's class-dropout draws sliced the same way: both pure
+    functions of (seed, step), so a resumed run reads what an unbroken one would and N processes train exactly
+    like one."""
 
     def __init__(self, cache: TokenCache, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
         if global_batch % world_size:
@@ -140,58 +76,85 @@ class TokenBatches:
             raise ValueError(f"{cache.path}: {len(cache)} rows, fewer than one batch of {global_batch}; lower --batch-size")
         self.cache, self.global_batch, self.seed = cache, global_batch, seed
         self.rank, self.local_batch = rank, global_batch // world_size
-        self.steps_per_epoch = len(cache) // global_batch
+        self.sampler = StepSampler(len(cache), self.local_batch, seed, rank, world_size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
 
-    def global_indices(self, step: int) -> np.ndarray:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.cache))
-        return order[within * self.global_batch:(within + 1) * self.global_batch]
-
-    def _mine(self, values):
-        return values[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+    def global_indices(self, step: int) -> List[int]:
+        """The rows of every rank at ``step``."""
+        return self.sampler.global_indices(step)
 
     def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(ids [b, 8, L] int64, labels [b] int64) of this rank at ``step``."""
-        return self.cache.batch(self._mine(self.global_indices(step)))
+        return self.cache.batch(self.sampler.indices_for_step(step))
 
     def class_dropout_uniform(self, step: int) -> torch.Tensor:
         draws = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)
-        return torch.from_numpy(self._mine(draws))
+        return torch.from_numpy(draws[self.rank * self.local_batch:(self.rank + 1) * self.local_batch])
 
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 
-class Checkpointer:
-    """``ckpt-{step:07d}.pth`` written atomically (temp file + fsync + rename), the newest ``keep`` kept."""
+CHECKPOINT_WHAT = "generator training checkpoint"
+# settings that change the data order or the batches: resuming with other values is not exact
+ORDER_ARGS = ("seed", "batch_size", "train_cache")
 
-    def __init__(self, out: Path, keep: int = 2):
-        self.out, self.keep = out, max(1, keep)
 
-    def paths(self) -> List[Path]:
-        return sorted(self.out.glob("ckpt-*.pth"))
+def cache_description(cache: TokenCache) -> Dict[str, Any]:
+    return {"path": str(cache.path), "tokenizer_fingerprint": cache.fingerprint,
+            "tokenizer_source": cache.manifest.get("tokenizer_source"), "grid": list(cache.grid),
+            "img_size": cache.img_size}
 
-    def latest(self) -> Optional[Path]:
-        paths = self.paths()
-        return paths[-1] if paths else None
 
-    def save(self, payload: Dict[str, Any], step: int) -> Path:
-        path = self.out / f"ckpt-{step:07d}.pth"
-        atomic_torch_save(payload, path)
-        for old in self.paths()[:-self.keep]:
-            old.unlink(missing_ok=True)
-            checksum_path(old).unlink(missing_ok=True)
-        return path
+class TrainingState:
+    """What a training checkpoint holds of the run (the state protocol of
+    :class:`training.checkpointer.Checkpointer`): a generator file's entries (format, config, model: see
+    :func:`generation.ar_model.generator_payload`, so ``load_generator`` and ``generation.sample`` read a
+    checkpoint like ``generator.pth``), plus ema, ema_updates, optimizer, label_names, token_cache and
+    train_config. The Checkpointer adds step, ranks (each process's RNG states) and args."""
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        if not resume or resume == "restart":
-            return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: checkpoint to resume from not found (use --resume auto for the newest in {self.out})")
-        return path
+    def __init__(self, config: TrainConfig, model: ARGenerator, optimizer, ema, train_cache: Optional[TokenCache] = None):
+        self.config, self.model, self.optimizer, self.ema, self.train_cache = config, model, optimizer, ema, train_cache
+
+    def state_dict(self) -> Dict[str, Any]:
+        ema, cache = self.ema, self.train_cache
+        return generator_payload(self.model, ema=None if ema is None else ema.module.state_dict(),
+                                 ema_updates=None if ema is None else int(ema.n_averaged),
+                                 optimizer=self.optimizer.state_dict(),
+                                 label_names=None if cache is None else cache.label_names,
+                                 token_cache=None if cache is None else cache_description(cache),
+                                 train_config=dataclasses.asdict(self.config))
+
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        """Model, optimizer and EMA from ``ckpt``; ValueError for a checkpoint of another generator."""
+        model = self.model
+        saved = ARConfig.from_dict(ckpt["config"])
+        if saved.preset != model.config.preset or saved.head != model.config.head:
+            raise ValueError(f"checkpoint of a {saved.preset!r} generator with {saved.head} heads, but this run builds "
+                             f"{model.config.preset!r} with {model.config.head} heads; use the same --preset/--head or "
+                             f"another --out")
+        if saved != model.config:
+            raise ValueError(f"the checkpoint's generator config differs from this run's ({saved.to_dict()} vs "
+                             f"{model.config.to_dict()}); the token cache or model settings changed")
+        if self.ema is not None and ckpt.get("ema") is None:
+            raise ValueError(f"holds no EMA weights but this run has --ema {self.config.ema}")
+        model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.n_averaged.fill_(int(ckpt.get("ema_updates") or 0))
+
+    def nonfinite_tensors(self) -> List[str]:
+        named = list(self.model.state_dict().items())
+        if self.ema is not None:
+            named += [(f"ema.{k}", v) for k, v in self.ema.module.state_dict().items()]
+        return nonfinite_names(named)
+
+
+def make_checkpointer(config: TrainConfig) -> Checkpointer:
+    """The run folder's checkpointer (it locks ``--out``: build it before anything else)."""
+    return Checkpointer(Path(config.out), config.resume, config.keep_checkpoints, GENERATOR_FORMAT, CHECKPOINT_WHAT,
+                        args=dataclasses.asdict(config), order_args=ORDER_ARGS, name="synthesis")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,22 +283,6 @@ def build_model(config: TrainConfig, cache: TokenCache) -> ARGenerator:
     return ARGenerator(ar)
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Constant lr (the paper's), after an optional linear warm-up: the shared schedule with its floor at the peak."""
-    return cosine_lr(step, 0, config.lr, config.lr, config.warmup_steps)
-
-
-def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms' gains), as LlamaGen does."""
-    return adamw(model.parameters(), config.lr, config.weight_decay, (config.beta1, config.beta2), fused=False)
-
-
-def cache_description(cache: TokenCache) -> Dict[str, Any]:
-    return {"path": str(cache.path), "tokenizer_fingerprint": cache.fingerprint,
-            "tokenizer_source": cache.manifest.get("tokenizer_source"), "grid": list(cache.grid),
-            "img_size": cache.img_size}
-
-
 @dataclass
 class Run:
     """Everything the loop works on, built by :func:`prepare_run`."""
@@ -352,6 +299,7 @@ class Run:
     trained: torch.nn.Module            # the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     ema: Any                            # AveragedModel or None
+    state: TrainingState
     checkpointer: Checkpointer
     logger: RunLogger
     step: int = 0
@@ -362,22 +310,14 @@ class Run:
         return self.ema.module if self.ema is not None else self.model
 
     def payload(self) -> Dict[str, Any]:
-        ema = self.ema
-        return generator_payload(self.model, ema=None if ema is None else ema.module.state_dict(),
-                                 ema_updates=None if ema is None else int(ema.n_averaged),
-                                 optimizer=self.optimizer.state_dict(), step=self.step,
-                                 label_names=self.train_cache.label_names,
-                                 token_cache=cache_description(self.train_cache),
-                                 train_config=dataclasses.asdict(self.config))
+        """generator.pth: a checkpoint's entries, without the per-rank states."""
+        return {**self.state.state_dict(), "step": self.step}
 
 
-def prepare_run(config: TrainConfig) -> Run:
-    """Process group, caches, batches, model, optimiser and EMA (restored from ``--resume``), the run files."""
-    device = distributed.init_distributed(config.device)
+def prepare_run(config: TrainConfig, device: torch.device, checkpointer: Checkpointer) -> Run:
+    """Caches, batches, model, optimiser and EMA (restored from ``--resume`` by ``checkpointer``), the run files."""
     rank, world = distributed.rank(), distributed.world_size()
     out, main_process = Path(config.out), rank == 0
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     train_cache = TokenCache(config.train_cache)
     val_cache = TokenCache(config.val_cache, label_names=train_cache.label_names) if config.val_cache else None
@@ -393,14 +333,11 @@ def prepare_run(config: TrainConfig) -> Run:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    state = TrainingState(config, model, optimizer, ema, train_cache)
     run = Run(config, device, main_process, out, train_cache, val_cache, data, total_steps,
-              torch.bfloat16 if bf16 else None, model, model, optimizer, ema,
-              Checkpointer(out, config.keep_checkpoints), RunLogger(out, main_process))
-    resume_path = run.checkpointer.resolve(config.resume)
-    if resume_path is not None:
-        run.step = restore(resume_path, model, optimizer, ema, config)
-        if main_process:
-            print(f"resumed from {resume_path} at step {run.step}", flush=True)
+              torch.bfloat16 if bf16 else None, model, model, optimizer, ema, state, checkpointer,
+              RunLogger(out, main_process))
+    run.step = checkpointer.restore(state)
     run.logger.truncate_after(run.step)  # the steps after the checkpoint are logged again (a fresh run: none kept)
     if main_process:
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_config": model.config.to_dict(),
@@ -439,19 +376,21 @@ class ThroughputLog:
 
 
 def after_step(run: Run, loss: float, throughput: ThroughputLog, grids: Optional["SampleGrids"], stopped: str) -> None:
-    """Rank 0's work after a step: the metrics record, the validation loss, sample grids, the checkpoint."""
+    """After a step. Rank 0: the metrics record (a finite loss vouches for the checkpoint before it), the
+    validation loss, sample grids; every rank: the checkpoint (each contributes its RNG states)."""
     config, step, last = run.config, run.step, run.step == run.total_steps
-    if not run.main_process:
-        return
-    if step % config.log_every == 0 or last:
-        run.logger.write(throughput.record(run, loss))
-    if run.val_cache is not None and ((config.eval_every and step % config.eval_every == 0) or last):
-        run.logger.write({"step": step, "val_loss": validation_loss(run.evaluated, run.val_cache, config.batch_size,
-                                                                    run.amp_dtype)})
-    if config.sample_every and step % config.sample_every == 0 and not last:
-        grids.write(run.evaluated, run.out / "samples" / f"step-{step:07d}", config.seed, run.amp_dtype)
+    if run.main_process:
+        if step % config.log_every == 0 or last:
+            run.logger.write(throughput.record(run, loss))
+            if math.isfinite(loss):
+                run.checkpointer.mark_healthy(step)
+        if run.val_cache is not None and ((config.eval_every and step % config.eval_every == 0) or last):
+            run.logger.write({"step": step, "val_loss": validation_loss(run.evaluated, run.val_cache,
+                                                                        config.batch_size, run.amp_dtype)})
+        if config.sample_every and step % config.sample_every == 0 and not last:
+            grids.write(run.evaluated, run.out / "samples" / f"step-{step:07d}", config.seed, run.amp_dtype)
     if (config.save_every and step % config.save_every == 0) or last or stopped:
-        run.checkpointer.save(run.payload(), step)
+        run.checkpointer.save(step, run.state)
 
 
 def finish(run: Run, grids: "SampleGrids", flops_per_image: int, began: float) -> Dict[str, Any]:
@@ -473,13 +412,17 @@ def finish(run: Run, grids: "SampleGrids", flops_per_image: int, began: float) -
 
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) training; returns the summary also written to ``out/summary.json`` (rank 0), or, for a run
-    stopped by a signal, the step it saved and its exit status."""
-    run = prepare_run(config)
-    throughput = ThroughputLog(run)
-    grids = SampleGrids(run.train_cache, run.device, config.sample_per_label) if run.main_process else None
-    run.model.train()
-    began, stops, stopped = time.perf_counter(), StopRequests(config.log_every, 0, "synthesis"), ""
+    stopped by a signal, the step it saved and its exit status. Raises RunError (the run folder or the checkpoint
+    refused, a failed save), FloatingPointError (non-finite weights, never saved), ValueError (unusable caches)."""
+    device = distributed.init_distributed(config.device)
+    checkpointer, stops, stopped = None, None, ""
     try:
+        checkpointer = make_checkpointer(config)  # locks the run folder first
+        run = prepare_run(config, device, checkpointer)
+        throughput = ThroughputLog(run)
+        grids = SampleGrids(run.train_cache, run.device, config.sample_per_label) if run.main_process else None
+        run.model.train()
+        began, stops = time.perf_counter(), StopRequests(config.log_every, 0, "synthesis")
         while run.step < run.total_steps and not stopped:
             loss = train_step(run.trained, run.model, run.optimizer, run.data, run.step, config, run.device,
                               run.amp_dtype)
@@ -490,18 +433,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             stopped = stops.should_stop(run.step, run.total_steps, run.device)
             after_step(run, loss, throughput, grids, stopped)
             distributed.barrier()
+        if stopped:
+            if run.main_process:
+                print(f"[synthesis] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint saved; "
+                      f"`--resume auto --out {run.out}` continues from here", flush=True)
+            return {"steps": run.step, "stopped": stopped, "exit_code": stops.final_exit_code(stopped)}
+        return finish(run, grids, throughput.flops_per_image, began) if run.main_process else {}
     finally:
-        stops.close()
-    summary: Dict[str, Any] = {}
-    if stopped and run.main_process:
-        print(f"[synthesis] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint saved; `--resume "
-              f"auto --out {run.out}` continues from here", flush=True)
-    elif run.main_process:
-        summary = finish(run, grids, throughput.flops_per_image, began)
-    distributed.cleanup()
-    if stopped:
-        return {"steps": run.step, "stopped": stopped, "exit_code": stops.final_exit_code(stopped)}
-    return summary
+        for part in (stops, checkpointer):
+            if part is not None:
+                part.close()
+        distributed.cleanup()
 
 
 def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step: int, config: TrainConfig,
@@ -524,30 +466,6 @@ def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step:
         torch.distributed.all_reduce(value)
         value /= distributed.world_size()
     return float(value)
-
-
-def restore(path: Path, model: ARGenerator, optimizer, ema, config: TrainConfig) -> int:
-    """Load a training checkpoint into model / optimizer / EMA; returns its step. Refuses another preset or head."""
-    try:
-        verify_checksum(path)  # a file changed or damaged since it was written: refused, naming it
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}; resume from an earlier checkpoint with --resume PATH") from None
-    payload = meditok.safe_load(path, formats=(GENERATOR_FORMAT,), what="generator training checkpoint")
-    saved = ARConfig.from_dict(payload["config"])
-    if saved.preset != model.config.preset or saved.head != model.config.head:
-        raise ValueError(f"{path}: checkpoint of a {saved.preset!r} generator with {saved.head} heads, but this run builds "
-                         f"{model.config.preset!r} with {model.config.head} heads; use the same --preset/--head or another --out")
-    if saved != model.config:
-        raise ValueError(f"{path}: the checkpoint's generator config differs from this run's "
-                         f"({saved.to_dict()} vs {model.config.to_dict()}); the token cache or model settings changed")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    if ema is not None:
-        if payload.get("ema") is None:
-            raise ValueError(f"{path}: holds no EMA weights but this run has --ema {config.ema}")
-        ema.module.load_state_dict(payload["ema"])
-        ema.n_averaged.fill_(int(payload.get("ema_updates") or 0))
-    return int(payload["step"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,17 +516,15 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """0 when the run finished, 143 / 130 when SIGTERM / Ctrl-C stopped it (after saving), 2 for bad input."""
+    """0 when the run finished, 143 / 130 when SIGTERM / Ctrl-C stopped it (after saving), 2 for bad input, 1 when
+    the run folder or its checkpoint refused the run, a save failed or the weights turned non-finite."""
     try:
         config = parse_args(argv)
         if not config.train_cache:
             raise UsageError("no --train-cache given (make one with python -m generation.tokenize_dataset)")
         return train(config).get("exit_code", 0)
-    except UsageError as error:
-        return usage_error(PROG, error)
-    except (TokenCacheError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FAILURES as error:  # TokenCacheError is a ValueError: exit 2
+        return failure_status(PROG, error)
 
 
 if __name__ == "__main__":

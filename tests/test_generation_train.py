@@ -13,6 +13,7 @@ import meditok
 from generation.ar_model import load_generator
 from generation.token_cache import csv_source, write_token_cache
 from generation.train_ar import TokenBatches, TrainConfig, train, unigram_baselines
+from training.checkpoint_files import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +78,7 @@ def test_resume_is_exact(caches, tmp_path):
 
 def test_resuming_with_another_head_or_preset_is_refused(caches, tmp_path):
     train(config(caches, tmp_path / "run", max_steps=3, ema=0.0))
-    with pytest.raises(ValueError, match="'tiny' generator with sequential heads, but this run builds 'tiny' with independent"):
+    with pytest.raises(RunError, match="'tiny' generator with sequential heads, but this run builds 'tiny' with independent"):
         train(config(caches, tmp_path / "run", head="independent", resume="auto", ema=0.0))
     with pytest.raises(ValueError, match="not 'B'"):
         load_generator(tmp_path / "run" / "generator.pth", preset="B")
@@ -130,8 +131,71 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(caches, tmp_pat
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = weights(tmp_path / "one" / "generator.pth"), weights(tmp_path / "two" / "generator.pth")
+    # equal up to float rounding (a mean over 4 rows vs the mean of two 2-row means, amplified by Adam where
+    # gradients are tiny: up to ~1e-6 here); a wrong split of the batch would differ by ~1e-3 (the lr)
     for name in one[0]:
-        torch.testing.assert_close(two[0][name], one[0][name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(two[0][name], one[0][name], atol=1e-5, rtol=0)
+
+
+def torchrun(caches, out, port, *flags):
+    """``generation.train_ar`` in 2 gloo processes (batch 4: 2 rows each), no validation cache."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "generation.train_ar", "--train-cache", str(caches["train"]), "--out", str(out),
+               "--preset", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--ema", "0.9",
+               "--device", "cpu", "--log-every", "1", "--save-every", "2", "--sample-per-label", "0", *flags]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.timeout(900)
+def test_two_gloo_processes_stopped_and_resumed_equal_an_unbroken_two_process_run(caches, tmp_path):
+    """Through the shared Checkpointer: each rank's RNG states are in the checkpoint, the resumed ranks read the
+    batches an unbroken run reads, and the weights end bit-equal."""
+    torchrun(caches, tmp_path / "straight", 29641, "--max-steps", "4")
+    torchrun(caches, tmp_path / "resumed", 29642, "--max-steps", "2")
+    checkpoint = torch.load(tmp_path / "resumed" / "ckpt-00000002.pth", map_location="cpu", weights_only=True)
+    assert len(checkpoint["ranks"]) == 2 and (tmp_path / "resumed" / "ckpt-00000002.pth.sha256").is_file()
+    torchrun(caches, tmp_path / "resumed", 29643, "--max-steps", "4", "--resume", "auto")
+    a, b = weights(tmp_path / "straight" / "generator.pth"), weights(tmp_path / "resumed" / "generator.pth")
+    for left, right in zip(a[:2], b[:2]):
+        for name in left:
+            assert torch.equal(left[name], right[name]), name
+    assert torch.equal(a[2][0]["exp_avg_sq"], b[2][0]["exp_avg_sq"])
+
+
+def test_a_run_folder_of_the_earlier_layout_resumes_exactly(caches, tmp_path, capsys):
+    """A folder as the trainer wrote it before the shared Checkpointer: 7-digit ``ckpt-*.pth`` without a
+    ``.sha256`` sidecar, no per-rank states, no healthy.json, no lock file. A fresh run refuses it; --resume
+    auto continues it, bit-equal to an unbroken run; --keep-checkpoints prunes both namings together."""
+    from generation.train_ar import main
+    old = tmp_path / "old"
+    assert main(cli(caches, old, max_steps=3, val_cache="")) == 0
+    checkpoint = torch.load(old / "ckpt-00000003.pth", map_location="cpu", weights_only=True)
+    for key in ("ranks", "args"):
+        del checkpoint[key]
+    torch.save(checkpoint, old / "ckpt-0000003.pth")
+    for name in ("ckpt-00000003.pth", "ckpt-00000003.pth.sha256", "healthy.json", ".lock"):
+        (old / name).unlink(missing_ok=True)
+    assert sorted(p.name for p in old.glob("ckpt-*")) == ["ckpt-0000003.pth"]
+    capsys.readouterr()
+
+    assert main(cli(caches, old, max_steps=6, val_cache="")) == 1  # a fresh run: refused, nothing overwritten
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of a run (ckpt-0000003.pth)" in err and "--resume auto" in err, err
+    assert main(cli(caches, old, max_steps=6, val_cache="", resume="auto")) == 0
+    assert "ckpt-0000003.pth: step 3" in capsys.readouterr().out
+    assert main(cli(caches, tmp_path / "straight", max_steps=6, val_cache="")) == 0
+    a, b = weights(tmp_path / "straight" / "generator.pth"), weights(old / "generator.pth")
+    for left, right in zip(a[:2], b[:2]):
+        for name in left:
+            assert torch.equal(left[name], right[name]), name
+    assert torch.equal(a[2][0]["exp_avg_sq"], b[2][0]["exp_avg_sq"])
+    assert sorted(p.name for p in old.glob("ckpt-*.pth")) == ["ckpt-00000006.pth", "ckpt-0000003.pth"]
+    assert main(cli(caches, old, max_steps=9, val_cache="", resume="auto", keep_checkpoints=1)) == 0
+    # the newest and the one healthy.json names (step 6: a finite loss was logged after it) are kept
+    assert sorted(p.name for p in old.glob("ckpt-*.pth")) == ["ckpt-00000006.pth", "ckpt-00000009.pth"]
 
 
 def cli(caches, out, **overrides):
@@ -150,7 +214,7 @@ def test_a_signal_to_the_process_group_saves_exits_and_resumes_exactly(caches, t
     proc = run_signalled("generation.train_ar", "train_step", 3, sig, cli(caches, stopped, save_every=100))
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "stopped (" in proc.stdout and "at step 3/6" in proc.stdout, proc.stdout[-2000:]
-    assert not (stopped / "generator.pth").exists() and (stopped / "ckpt-0000003.pth").is_file()
+    assert not (stopped / "generator.pth").exists() and (stopped / "ckpt-00000003.pth").is_file()
     assert main(cli(caches, stopped, save_every=100, resume="auto")) == 0
     assert main(cli(caches, tmp_path / "straight", save_every=100)) == 0
     a, b = weights(tmp_path / "straight" / "generator.pth"), weights(stopped / "generator.pth")
