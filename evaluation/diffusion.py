@@ -1,6 +1,6 @@
 """Evaluate a joint image–report diffusion model: text→image, image→report and joint samples.
 
-    python -m evaluation.diffusion --checkpoint runs/diffusion_tiny/checkpoints/latest.pt \\
+    python -m evaluation.diffusion --checkpoint runs/diffusion_tiny \\
         --cache runs/diffusion_tiny/tokens/examples_train --out runs/diffusion_tiny/eval --random-inception
 
 For each of the first ``--num-samples`` rows of a token cache (images as MedITok ids + captions):
@@ -37,7 +37,9 @@ from generation.diffusion.sampler import METHODS, SAMPLE_TASKS, SamplerOptions, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation.diffusion", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="diffusion checkpoint (runs/.../checkpoints/latest.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="diffusion checkpoint file, or a run folder (--out of the trainer: its newest checkpoint, "
+                        "ckpt-*.pth, or checkpoints/latest.pt of older runs)")
     p.add_argument("--cache", required=True, help="token cache to evaluate on (captions + real ids), made with "
                                                   "the same MedITok as the training cache")
     p.add_argument("--meditok", default=None, help="MedITok to decode ids (default: the cache's tokenizer source)")
@@ -190,7 +192,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     model, codec, payload = load_for_inference(args.checkpoint, device)
     names = model.config.condition_names
-    cache = open_eval_cache(args.cache, names, payload.get("tokenizer_fingerprint"), args.checkpoint)
+    cache = open_eval_cache(args.cache, names, payload.get("tokenizer_fingerprint"), payload["_path"])
     if tuple(cache.grid) != tuple(model.config.grid):
         raise ValueError(f"{args.cache} has a {tuple(cache.grid)} token grid, the model {tuple(model.config.grid)}; "
                          f"tokenize the evaluation images at the training image size")
@@ -224,7 +226,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     report_rows = [{"row": r, "label": names[results["labels"][i]], "caption": results["captions"][i],
                     **{f"{task}_report": results[task]["reports"][i] for task in ("image_to_text", "joint")
                        if task in results}} for i, r in enumerate(rows)]
-    payload_out = {"checkpoint": relative(Path(args.checkpoint)), "cache": relative(Path(args.cache)),
+    # "checkpoint": the file read (a run folder's newest checkpoint when --checkpoint names the folder)
+    payload_out = {"checkpoint": relative(Path(payload["_path"])), "cache": relative(Path(args.cache)),
                    "num_samples": len(rows), "sampler": {"steps": args.steps, "method": args.method,
                                                           "temperature": args.temperature, "cfg_scale": args.cfg_scale},
                    "random_inception": args.random_inception, **summary, "environment": environment(device)}

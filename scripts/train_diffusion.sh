@@ -63,4 +63,4 @@ else samples="no samples (--num-samples 0)"; fi
 echo "[train_diffusion] token cache ($made) $((t1 - start)) s, caption tokenizer $((t2 - t1)) s, training" \
      "$((t3 - t2)) s; total $((t3 - start)) s"
 echo "[train_diffusion] look at: $RUN/metrics.jsonl, $samples; then python -m evaluation.diffusion --checkpoint" \
-     "$RUN/checkpoints/latest.pt --cache $CACHE --random-inception --out $RUN/eval"
+     "$RUN --cache $CACHE --random-inception --out $RUN/eval"

@@ -95,11 +95,12 @@ def test_evaluation_cli_end_to_end(tmp_path, stage2_checkpoint):
                                  "--steps", "1", "--batch-size", "2", "--text-len", "64", "--num-samples", "0"]) == 0
     path, clip, *_ = stage2_checkpoint
     out = tmp_path / "eval"
-    assert evaluation_diffusion.main(["--checkpoint", str(tmp_path / "run/checkpoints/latest.pt"), "--cache", str(cache),
+    assert evaluation_diffusion.main(["--checkpoint", str(tmp_path / "run"), "--cache", str(cache),  # the run folder
                                       "--out", str(out), "--num-samples", "4", "--batch-size", "4", "--steps", "2",
                                       "--random-inception", "--align-checkpoint", str(path), "--biomedclip", str(clip),
                                       "--device", "cpu"]) == 0
     result = json.loads((out / "diffusion_eval.json").read_text())
+    assert result["checkpoint"].endswith("ckpt-00000001.pth")  # the file the run folder resolved to
     assert set(result["tasks"]) == {"text_to_image", "image_to_text", "joint"}
     for key in ("bleu1", "bleu4", "rougeL", "meteor"):
         assert 0 <= result["tasks"]["image_to_text"]["report"][key] <= 1

@@ -103,7 +103,7 @@ def diffusion_checkpoint(tmp_path_factory):
     assert diffusion_train.main(["--cache", str(cache), "--text-tokenizer", str(tokenizer), "--preset", "tiny",
                                  "--out", str(base / "run"), "--batch-size", "4", "--text-len", "64", "--steps", "1",
                                  "--warmup-steps", "1", "--num-samples", "0"]) == 0
-    return base / "run/checkpoints/latest.pt", cache
+    return base / "run", cache
 
 
 def test_diffusion_text_to_image_writes_each_prompt_under_its_image(diffusion_checkpoint, tmp_path):

@@ -4,42 +4,51 @@
     torchrun --nproc-per-node 4 -m generation.diffusion.train --config configs/diffusion_b_gpu.json
     python -m generation.diffusion.train --config configs/diffusion_tiny_cpu.json --resume auto
 
-A run folder (``--out``) holds ``checkpoints/latest.pt`` (+ ``step_XXXXXXX.pt`` every ``--save-every``),
-``metrics.jsonl`` (one line per ``--log-every`` steps), ``samples/step_XXXXXXX/`` (text→image grid,
-joint grid, image→report and joint reports) and ``config.json``. Runs are exactly resumable: the
-data order, the masks and the dropout of step s are drawn from seeds that depend only on
-(seed, s, rank), so ``--resume auto`` continues bit-for-bit where the last checkpoint left off.
+A run folder (``--out``) holds ``ckpt-XXXXXXXX.pth`` (every ``--save-every`` steps, at the end and on a stop; the
+newest ``--keep-checkpoints``, each with a ``.sha256``; written, found and restored by the shared
+:class:`training.checkpointer.Checkpointer`), ``metrics.jsonl`` (one line per ``--log-every`` steps),
+``samples/step_XXXXXXX/`` (text→image grid, joint grid, image→report and joint reports) and ``config.json``.
+Runs are exactly resumable: the batches of step s are a function of (seed, s)
+(:class:`training.sampler.StepSampler`), its masks and dropout are drawn from seeds of (seed, s, rank), so
+``--resume auto`` continues bit-for-bit where the last checkpoint left off. Folders of older runs
+(``checkpoints/latest.pt``, ``checkpoints/step_XXXXXXX.pt``) resume too: ``--resume auto`` takes their
+``latest.pt`` when no ``ckpt-*.pth`` is there (:data:`generation.diffusion.loading.LEGACY_CHECKPOINTS`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from generation.diffusion.masking import SCHEDULES, MaskSchedule, TaskMix, diffusion_loss
-from generation.diffusion.loading import CHECKPOINT_FORMAT, load_checkpoint
+from generation.diffusion.loading import CHECKPOINT_FORMAT, CHECKPOINT_WHAT, LEGACY_CHECKPOINTS, upgrade
 from generation.diffusion.model import (PRESETS, DiffusionConfig, DiffusionConfigError, JointDiffusionTransformer,
                                         check_same_architecture, config_from_checkpoint, get_config)
 from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
-from meditok import atomic_write
 from training import distributed
+from training.checkpointer import Checkpointer, list_checkpoints, nonfinite_names
 from training.metrics import MetricsLog
 from training.optim import adamw
-from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
+from training.options import (FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status,
+                              resolve_config)
+from training.sampler import StepSampler
 from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
 from training.workers import ignore_stop_signals, shutdown_workers
 
 PROG = "python -m generation.diffusion.train"
+# arguments that change the data order or the batches: resuming with other values is not exact
+ORDER_ARGS = ("seed", "batch_size", "cache")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,13 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/diffusion", help="run folder")
-    r.add_argument("--resume", default="", help="'auto' (latest.pt in --out if any), 'restart' (from step 0; also "
-                                                "'' or 'none'), or a checkpoint path")
+    r.add_argument("--resume", default="", help="'auto' (the newest usable checkpoint in --out, also checkpoints/"
+                                                "latest.pt of older runs), 'restart' (from step 0 in a folder with "
+                                                "no usable checkpoint), or a checkpoint path; without it a folder "
+                                                "that holds a run is refused")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--save-every", type=int, default=100, help="keep a numbered checkpoint every N steps (latest.pt "
-                                                                 "is rewritten at the same times, at the end and on "
-                                                                 "a stop; 0 = only then)")
+    r.add_argument("--save-every", type=int, default=100, help="write ckpt-XXXXXXXX.pth every N steps (and at the "
+                                                                 "end and on a stop; 0 = only then)")
+    r.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in --out (and the one "
+                                                                    "healthy.json names)")
+    r.add_argument("--stop-at-step", type=int, default=0, help="save and stop after this step, exit 0 (the end of a "
+                                                                "job allocation; --resume auto goes on; 0 = never)")
     r.add_argument("--sample-every", type=int, default=0, help="write samples every N steps (0 = only at the end)")
     r.add_argument("--sample-steps", type=int, default=16, help="unmasking steps of the samples written in training")
     r.add_argument("--num-samples", type=int, default=4, help="samples per task in the sample folders")
@@ -110,8 +124,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cache is None:
         raise UsageError("--cache is required (a token cache folder from python -m generation.tokenize_dataset)")
-    problems = check_numbers(vars(args), positive=("steps", "batch_size", "lr", "log_every", "sample_steps"),
+    problems = check_numbers(vars(args), positive=("steps", "batch_size", "lr", "log_every", "sample_steps",
+                                                   "keep_checkpoints"),
                              non_negative=("weight_decay", "warmup_steps", "grad_clip", "text_weight", "save_every",
+                                           "stop_at_step",
                                            "sample_every", "num_samples", "num_workers", "text_len", "num_layers"),
                              unit_interval=("condition_dropout",))
     try:
@@ -128,43 +144,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------------
 # Data
-
-class StepBatchSampler(Sampler):
-    """Batches of indices indexed by the global step: the stream is epoch permutations (seeded by
-    (seed, epoch)) laid end to end; step s uses items [s·G, (s+1)·G) of it (G = batch·world) and
-    rank r takes its slice r·batch … (r+1)·batch. Starting at ``start_step`` reproduces a resumed run."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, start_step: int, steps: int):
-        if size == 0:
-            raise ValueError("the dataset is empty")
-        self.size, self.batch, self.seed = size, batch_size, seed
-        self.rank, self.world, self.start, self.steps = rank, world, start_step, steps
-        self._perms: Dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.size, generator=g)
-        return self._perms[epoch]
-
-    def indices_for_step(self, step: int) -> List[int]:
-        g_batch = self.batch * self.world
-        first = step * g_batch + self.rank * self.batch
-        out = []
-        for pos in range(first, first + self.batch):
-            epoch, within = divmod(pos, self.size)
-            out.append(int(self._perm(epoch)[within]))
-        return out
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for step in range(self.start, self.steps):
-            yield self.indices_for_step(step)
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start)
-
 
 class CaptionCollate:
     """dict(ids [8, N], label, caption, ...) items → (text [B, Lt], image [B, 8, N], labels [B])."""
@@ -229,26 +208,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def save_checkpoint(path: Path, model: JointDiffusionTransformer, optimizer, step: int, args: argparse.Namespace,
-                    extra: Dict[str, Any]) -> None:
-    payload = {"format": CHECKPOINT_FORMAT, "diffusion_config": model.config.to_dict(),
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "optimizer": optimizer.state_dict(), "step": step, "args": vars(args), **extra}
-    atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def resolve_resume(resume: str, out: Path) -> Optional[Path]:
-    if resume in (None, "", "none", "restart"):
-        return None
-    if resume == "auto":
-        latest = out / "checkpoints" / "latest.pt"
-        return latest if latest.is_file() else None
-    return Path(resume)
-
-
-# --------------------------------------------------------------------------------------------------
 # Samples written during training
 
 @torch.no_grad()
@@ -307,113 +266,7 @@ def load_decoder(source: Optional[str], cache, device: torch.device):
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop
-
-@dataclass
-class Run:
-    """Everything the loop works on, built by :func:`prepare_run`."""
-    args: argparse.Namespace
-    device: torch.device
-    rank: int
-    world: int
-    out: Path
-    cache: Any
-    codec: TextCodec
-    config: DiffusionConfig
-    model: JointDiffusionTransformer
-    trained: torch.nn.Module            # the model, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    start: int                          # the step to continue from (0 for a fresh run)
-    bf16: bool
-    resumed_window: Optional[Dict[str, Any]] = None  # the loss window the checkpoint was saved in
-
-    @property
-    def checkpoint_extra(self) -> Dict[str, Any]:
-        return {"tokenizer_fingerprint": self.cache.fingerprint}
-
-
-def resumed_payload(args: argparse.Namespace, config: DiffusionConfig, cache) -> Optional[Dict[str, Any]]:
-    """The checkpoint ``--resume`` names (None for a fresh run), checked against this run's model and cache."""
-    resume_path = resolve_resume(args.resume, Path(args.out))
-    if resume_path is None:
-        return None
-    payload = load_checkpoint(resume_path)
-    check_same_architecture(config_from_checkpoint(payload, str(resume_path)), config, str(resume_path))
-    if payload.get("tokenizer_fingerprint") not in (None, cache.fingerprint):
-        raise DiffusionConfigError(f"{resume_path} was trained on ids of another MedITok (fingerprint "
-                                   f"{payload['tokenizer_fingerprint'][:16]}) than the cache {cache.path} "
-                                   f"({cache.fingerprint[:16]}); resume with the same cache")
-    payload["_path"] = str(resume_path)
-    return payload
-
-
-def prepare_run(args: argparse.Namespace) -> Run:
-    """Process group, cache, caption codec, model and optimiser (restored from ``--resume``), run folder."""
-    device = distributed.init_distributed(args.device)
-    rank, world = distributed.rank(), distributed.world_size()
-    cache = open_cache(args.cache)
-    if args.text_tokenizer is None:
-        if args.preset == "hf" and args.backbone:
-            args.text_tokenizer = args.backbone
-        else:
-            raise DiffusionConfigError("--text-tokenizer is required for from-scratch presets (a local HF tokenizer "
-                                       "folder; make one with python -m generation.diffusion.make_tokenizer)")
-    codec = TextCodec(load_text_tokenizer(args.text_tokenizer), args.text_len or PRESETS[args.preset].text_len)
-    config = model_config(args, codec, cache.grid, cache_codebook_size(cache), cache.num_codebooks, cache.label_names)
-    payload = resumed_payload(args, config, cache)
-    torch.manual_seed(args.seed)
-    model = JointDiffusionTransformer(config).to(device)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    start = 0
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        start = int(payload["step"])
-        if rank == 0:
-            print(f"[diffusion] resumed from {payload['_path']} at step {start}")
-    trained = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    run = Run(args, device, rank, world, Path(args.out), cache, codec, config, model, trained, optimizer, start, bf16,
-              None if payload is None else payload.get("loss_window"))
-    if rank == 0:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2)
-                                             + "\n")
-        print(f"[diffusion] {config.preset} model, {model.num_parameters() / 1e6:.2f} M parameters, "
-              f"{model.num_layers} blocks; {len(cache)} samples, text budget {config.text_len}, grid {config.grid}; "
-              f"device {device}, world {world}, {'bf16' if bf16 else 'fp32'}")
-    return run
-
-
-def step_batches(run: Run) -> DataLoader:
-    """(text, image, labels) of every remaining step, in the order a run from step 0 would see them."""
-    args = run.args
-    sampler = StepBatchSampler(len(run.cache), args.batch_size, args.seed, run.rank, run.world, run.start, args.steps)
-    return DataLoader(run.cache, batch_sampler=sampler, collate_fn=CaptionCollate(run.codec),
-                      num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
-
-
-def train_step(run: Run, step: int, text: torch.Tensor, image: torch.Tensor, labels: torch.Tensor,
-               schedule: MaskSchedule, mix: TaskMix) -> tuple:
-    """One optimiser step on this rank's batch of ``step``; returns (loss parts, gradient norm). Its dropout,
-    label dropout and masks are drawn from seeds of (seed, step, rank) only, so a resumed run repeats it exactly."""
-    args = run.args
-    text, image, labels = text.to(run.device), image.to(run.device), labels.to(run.device)
-    torch.manual_seed(step_seed(args.seed, step, run.rank))  # dropout & label dropout of this step
-    generator = torch.Generator().manual_seed(step_seed(args.seed, step, run.rank) + 1)
-    set_lr(run.optimizer, lr_at(step, args.lr, args.warmup_steps, args.steps))
-    run.model.train()
-    with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext():
-        parts = diffusion_loss(run.trained, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
-                               generator=generator)
-    run.optimizer.zero_grad(set_to_none=True)
-    parts["loss"].backward()
-    # 0 = no clipping (as in the other trainers): the norm is still measured for the log
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip or float("inf"))
-    run.optimizer.step()
-    return parts, grad_norm
-
+# Checkpoints: what one holds, and the run folder's shared Checkpointer
 
 class LossWindow:
     """Means of the loss parts over the steps since the last logged one, and the samples/s over them."""
@@ -444,37 +297,155 @@ class LossWindow:
             self.sums, self.steps, self.samples = dict(state["sums"]), int(state["steps"]), int(state["samples"])
 
 
-def save_and_sample(run: Run, step: int, stopped: str, window: LossWindow) -> None:
-    """Rank 0: ``latest.pt`` (and a numbered copy every --save-every) at those steps, at the end and on a stop;
-    samples every --sample-every steps and at the end."""
+class DiffusionState:
+    """What a checkpoint of this trainer holds, for :class:`training.checkpointer.Checkpointer` (which adds
+    ``format``, ``step``, ``ranks`` and ``args``): ``diffusion_config`` (what
+    :func:`generation.diffusion.loading.load_for_inference` rebuilds the model from), ``model``, ``optimizer``,
+    ``tokenizer_fingerprint`` (the cache's MedITok) and ``loss_window``. Loading refuses (ValueError) a
+    checkpoint of another architecture or trained on another MedITok's ids."""
+
+    def __init__(self, model: JointDiffusionTransformer, optimizer: torch.optim.Optimizer, cache,
+                 window: LossWindow):
+        self.model, self.optimizer, self.cache, self.window = model, optimizer, cache, window
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"diffusion_config": self.model.config.to_dict(),
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "tokenizer_fingerprint": self.cache.fingerprint,
+                "loss_window": self.window.state_dict()}
+
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        # the Checkpointer names the file: "--resume PATH: the checkpoint was trained with a different model (…)"
+        source = "the checkpoint"
+        check_same_architecture(config_from_checkpoint(ckpt, source), self.model.config, source)
+        if ckpt.get("tokenizer_fingerprint") not in (None, self.cache.fingerprint):
+            raise DiffusionConfigError(f"it was trained on ids of another MedITok (fingerprint "
+                                       f"{ckpt['tokenizer_fingerprint'][:16]}) than the cache {self.cache.path} "
+                                       f"({self.cache.fingerprint[:16]}); resume with the same cache")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.window.load_state_dict(ckpt.get("loss_window"))
+
+    def nonfinite_tensors(self) -> List[str]:
+        return nonfinite_names(self.model.state_dict().items())
+
+
+def checkpointer(args: argparse.Namespace) -> Checkpointer:
+    """The run folder's checkpointer (locks ``--out``: every rank calls it, before anything is written)."""
+    return Checkpointer(Path(args.out), args.resume, args.keep_checkpoints, CHECKPOINT_FORMAT, CHECKPOINT_WHAT,
+                        args=vars(args), order_args=ORDER_ARGS, legacy=LEGACY_CHECKPOINTS, upgrade=upgrade,
+                        name="diffusion")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class Run:
+    """Everything the loop works on, built by :func:`prepare_run`."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    cache: Any
+    codec: TextCodec
+    config: DiffusionConfig
+    model: JointDiffusionTransformer
+    trained: torch.nn.Module            # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    state: DiffusionState               # what a checkpoint holds (model, optimiser, loss window)
+    start: int                          # the step to continue from (0 for a fresh run)
+    bf16: bool
+
+
+def resolve_text_tokenizer(args: argparse.Namespace) -> None:
+    """``--text-tokenizer`` defaults to the HF backbone's own tokenizer; from-scratch presets need one."""
+    if args.text_tokenizer is None:
+        if args.preset == "hf" and args.backbone:
+            args.text_tokenizer = args.backbone
+        else:
+            raise DiffusionConfigError("--text-tokenizer is required for from-scratch presets (a local HF tokenizer "
+                                       "folder; make one with python -m generation.diffusion.make_tokenizer)")
+
+
+def prepare_run(args: argparse.Namespace, checkpoints: Checkpointer, device: torch.device) -> Run:
+    """Cache, caption codec, model and optimiser, restored (with the loss window) from ``--resume``."""
+    rank, world = distributed.rank(), distributed.world_size()
+    cache = open_cache(args.cache)
+    codec = TextCodec(load_text_tokenizer(args.text_tokenizer), args.text_len or PRESETS[args.preset].text_len)
+    config = model_config(args, codec, cache.grid, cache_codebook_size(cache), cache.num_codebooks, cache.label_names)
+    torch.manual_seed(args.seed)
+    model = JointDiffusionTransformer(config).to(device)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    state = DiffusionState(model, optimizer, cache, LossWindow())
+    start = checkpoints.restore(state)
+    trained = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    run = Run(args, device, rank, world, Path(args.out), cache, codec, config, model, trained, optimizer, state, start,
+              bf16)
+    if rank == 0:
+        (run.out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2)
+                                             + "\n")
+        print(f"[diffusion] {config.preset} model, {model.num_parameters() / 1e6:.2f} M parameters, "
+              f"{model.num_layers} blocks; {len(cache)} samples, text budget {config.text_len}, grid {config.grid}; "
+              f"device {device}, world {world}, {'bf16' if bf16 else 'fp32'}")
+    return run
+
+
+def step_batches(run: Run) -> DataLoader:
+    """(text, image, labels) of every remaining step, in the order a run from step 0 would see them."""
     args = run.args
-    if run.rank != 0:
-        return
-    numbered = bool(args.save_every) and step % args.save_every == 0
-    extra = {**run.checkpoint_extra, "loss_window": window.state_dict()}
-    if numbered or step == args.steps or stopped:
-        save_checkpoint(run.out / "checkpoints" / "latest.pt", run.model, run.optimizer, step, args, extra)
-        if numbered:
-            save_checkpoint(run.out / "checkpoints" / f"step_{step:07d}.pt", run.model, run.optimizer, step, args,
-                            extra)
-    if not stopped and args.num_samples and ((args.sample_every and step % args.sample_every == 0)
-                                             or step == args.steps):
+    sampler = StepSampler(len(run.cache), args.batch_size, args.seed, run.rank, run.world, run.start, args.steps)
+    return DataLoader(run.cache, batch_sampler=sampler, collate_fn=CaptionCollate(run.codec),
+                      num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
+
+
+def train_step(run: Run, step: int, text: torch.Tensor, image: torch.Tensor, labels: torch.Tensor,
+               schedule: MaskSchedule, mix: TaskMix) -> tuple:
+    """One optimiser step on this rank's batch of ``step``; returns (loss parts, gradient norm). Its dropout,
+    label dropout and masks are drawn from seeds of (seed, step, rank) only, so a resumed run repeats it exactly."""
+    args = run.args
+    text, image, labels = text.to(run.device), image.to(run.device), labels.to(run.device)
+    torch.manual_seed(step_seed(args.seed, step, run.rank))  # dropout & label dropout of this step
+    generator = torch.Generator().manual_seed(step_seed(args.seed, step, run.rank) + 1)
+    set_lr(run.optimizer, lr_at(step, args.lr, args.warmup_steps, args.steps))
+    run.model.train()
+    with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext():
+        parts = diffusion_loss(run.trained, text, image, labels, schedule, text_weight=args.text_weight, mix=mix,
+                               generator=generator)
+    run.optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    # 0 = no clipping (as in the other trainers): the norm is still measured for the log
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip or float("inf"))
+    run.optimizer.step()
+    return parts, grad_norm
+
+
+def save_and_sample(run: Run, checkpoints: Checkpointer, step: int, stopped: str) -> None:
+    """Every rank: a checkpoint every --save-every steps, at the end and on a stop; rank 0: samples every
+    --sample-every steps and at the end."""
+    args = run.args
+    if (args.save_every and step % args.save_every == 0) or step == args.steps or stopped:
+        checkpoints.save(step, run.state)
+    if run.rank == 0 and not stopped and args.num_samples and ((args.sample_every and step % args.sample_every == 0)
+                                                                or step == args.steps):
         decoder = load_decoder(args.meditok, run.cache, run.device)
         write_samples(run.model, run.codec, run.cache, run.out / "samples" / f"step_{step:07d}", args.num_samples,
                       args.sample_steps, args.seed, decoder)
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run (or resume) training; returns the last logged record, the step reached and the exit status."""
+def train_loop(run: Run, checkpoints: Checkpointer, stops: StopRequests) -> Dict[str, Any]:
+    """The steps from ``run.start`` to ``--steps`` (or a stop); returns the step reached, the last logged record
+    and why it stopped ('' when it finished)."""
     from tqdm import tqdm
-    run = prepare_run(args)
+    args = run.args
     schedule, mix = MaskSchedule(args.schedule), TaskMix(*[float(v) for v in str(args.task_mix).split(",")])
     metrics = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
     metrics.truncate_after(run.start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
     progress = tqdm(total=args.steps, initial=run.start, disable=run.rank != 0, desc="diffusion", dynamic_ncols=True)
-    step, stops, stopped, last, window = run.start, StopRequests(args.log_every, 0, "diffusion"), "", {}, LossWindow()
-    window.load_state_dict(run.resumed_window)
-    batches = None
+    step, stopped, last, window, batches = run.start, "", {}, run.state.window, None
     try:
         batches = iter(step_batches(run))
         for text, image, labels in batches:
@@ -485,41 +456,58 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             if step % args.log_every == 0 or step == args.steps:
                 last = window.record(step, grad_norm, run.optimizer.param_groups[0]["lr"])
                 metrics.write(last)
+                if math.isfinite(last["loss"]):
+                    checkpoints.mark_healthy(step)  # a finite step after the newest checkpoint vouches for it
                 progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
                                      txt=f"{last['text_ce']:.3f}")
             stopped = stops.should_stop(step, args.steps, run.device)
-            save_and_sample(run, step, stopped, window)
+            save_and_sample(run, checkpoints, step, stopped)
             if stopped:
                 break
     finally:
         shutdown_workers(batches)  # workers ignore SIGTERM: the interpreter would wait for them forever
         progress.close()  # before any message, so none is printed onto the bar's line
-        stops.close()
-    if run.rank == 0 and stopped:
-        print(f"[diffusion] stopped ({stopped}) at step {step}/{args.steps}: checkpoint saved; `--resume auto --out "
-              f"{run.out}` continues from here", flush=True)
-    if run.rank == 0 and run.codec.truncated:
-        print(f"[diffusion] {run.codec.truncated} of {run.codec.seen} captions were truncated to "
-              f"{run.config.text_len} tokens")
-    distributed.barrier()
-    distributed.cleanup()
-    return {"step": step, "last": last, "truncated": run.codec.truncated, "stopped": stopped,
-            "exit_code": stops.final_exit_code(stopped)}
+    return {"step": step, "last": last, "stopped": stopped}
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run (or resume) training; returns the last logged record, the step reached and the exit status."""
+    resolve_text_tokenizer(args)  # before the checkpointer copies the arguments
+    device = distributed.init_distributed(args.device)
+    checkpoints = stops = None
+    try:
+        checkpoints = checkpointer(args)  # locks the run folder first
+        run = prepare_run(args, checkpoints, device)
+        stops = StopRequests(args.log_every, args.stop_at_step, "diffusion")
+        summary = train_loop(run, checkpoints, stops)
+        if run.rank == 0 and summary["stopped"]:
+            print(f"[diffusion] stopped ({summary['stopped']}) at step {summary['step']}/{args.steps}: checkpoint "
+                  f"saved; `--resume auto --out {run.out}` continues from here", flush=True)
+        if run.rank == 0 and run.codec.truncated:
+            print(f"[diffusion] {run.codec.truncated} of {run.codec.seen} captions were truncated to "
+                  f"{run.config.text_len} tokens")
+        distributed.barrier()
+        return {**summary, "truncated": run.codec.truncated, "exit_code": stops.final_exit_code(summary["stopped"])}
+    finally:
+        for part in (stops, checkpoints):
+            if part is not None:
+                part.close()
+        distributed.cleanup()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """0 when the run finished, 143 / 130 when SIGTERM / Ctrl-C stopped it (after saving), 2 for bad input."""
+    """0 when the run finished (or stopped at --stop-at-step), 143 / 130 when SIGTERM / Ctrl-C stopped it (after
+    saving), 2 for bad input, 1 when the run cannot go on (a refused run folder or checkpoint, a full disk,
+    non-finite weights)."""
     try:
         args = parse_args(argv)
         summary = train(args)
-    except UsageError as error:
-        return usage_error(PROG, error)
-    except (ValueError, FileNotFoundError) as error:  # config, cache and tokenizer errors name the fix
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FAILURES as error:  # config, cache and tokenizer errors name the fix: exit 2
+        return failure_status(PROG, error)
     if not summary["stopped"]:
-        print(f"[diffusion] done: {summary['step']} steps; checkpoint {Path(args.out) / 'checkpoints' / 'latest.pt'}, "
-              f"samples in {Path(args.out) / 'samples'}, metrics in {Path(args.out) / 'metrics.jsonl'}")
+        newest = next(iter(list_checkpoints(Path(args.out))), None)
+        print(f"[diffusion] done: {summary['step']} steps; checkpoint {newest}, samples in "
+              f"{Path(args.out) / 'samples'}, metrics in {Path(args.out) / 'metrics.jsonl'}")
     return summary["exit_code"]
 
 
