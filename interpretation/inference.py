@@ -6,6 +6,10 @@ weights (SHA-256 fingerprint, :func:`generation.token_cache.tokenizer_fingerprin
 the run's: the fingerprint recorded in ``interpretation.json`` (key ``vision_tower_fingerprint``) when the run
 has one, else the one of the recorded ``vision_tower`` computed now (when that path, or ``random:<preset>``,
 can still be loaded). A different tower is refused unless ``allow_other_vision_tower``.
+
+The model is the run's final artefacts (``interpretation.json``, ``projector.safetensors``, ``lora/``), the same in
+run folders of every version; the training checkpoints (``ckpt-{step:08d}.pth``, or an older version's
+``ckpt-last.pth``: :mod:`interpretation.loading`) are only for resuming.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .model import MedITokLlava
-from .loading import FINGERPRINT_KEY, RUN_FILE
+from .loading import FINGERPRINT_KEY, RUN_FILE, training_checkpoints
 from .vision_tower import RANDOM_PREFIX, MedITokVisionTower, load_tokenizer_for_tower
 
 
@@ -96,7 +100,10 @@ def load_trained(run_dir: Union[str, Path], device: Union[str, torch.device] = "
     run_dir = Path(run_dir)
     description_file = run_dir / RUN_FILE
     if not description_file.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {RUN_FILE}; pass the folder of a finished "
+        checkpoints = training_checkpoints(run_dir)
+        unfinished = (f" (it holds the training checkpoint {checkpoints[0].name} of a run that did not finish: "
+                      f"continue it with --resume auto; the model is written at its end)" if checkpoints else "")
+        raise FileNotFoundError(f"{run_dir}: no {RUN_FILE}{unfinished}; pass the folder of a finished "
                                 f"'python -m interpretation.train' run (stage B for question answering)")
     description = json.loads(description_file.read_text())
     device = torch.device(device)

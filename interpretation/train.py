@@ -12,9 +12,12 @@ The paper: stage A on 500k PubMedVision captions, 1 epoch, batch 32; stage B 100
 
 A config file (JSON) sets any flag (``"batch_size": 4``); keys ``"stage_A"`` / ``"stage_B"`` hold per-stage
 values; the command line overrides both. The run folder gets ``args.json``, ``metrics.jsonl`` (loss, lr,
-samples/s, tokens/s every --log-every steps), ``ckpt-last.pth`` (atomic; trainable weights, optimiser, schedule,
-RNG, position: ``--resume auto`` continues exactly), ``projector.safetensors``, ``lora/`` (stage B, a peft
-adapter folder) and ``interpretation.json`` (what ``evaluation.vqa`` needs to rebuild the model).
+samples/s, tokens/s every --log-every steps), ``ckpt-{step:08d}.pth`` (the shared ``training.checkpointer``:
+atomic, with a .sha256, the last --keep-checkpoints; trainable weights, optimiser, step, every rank's RNG:
+``--resume auto`` continues exactly, also from the ``ckpt-last.pth`` of earlier versions),
+``projector.safetensors``, ``lora/`` (stage B, a peft adapter folder) and ``interpretation.json`` (what
+``evaluation.vqa`` needs to rebuild the model). The data order is ``training.sampler.StepSampler``'s and the
+learning rate ``training.schedules.cosine_lr`` (linear warm-up, cosine to 0): both functions of the step.
 """
 from __future__ import annotations
 
@@ -34,16 +37,21 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from meditok import CheckpointError, safe_load, weights_fingerprint
+from meditok import weights_fingerprint
 from training import distributed
-from meditok.seeding import rng_state, set_rng_state
+from training.checkpoint_files import RunError
+from training.checkpointer import Checkpointer, nonfinite_names
 from training.metrics import MetricsLog
-from training.options import PRECISIONS, ArgumentParser, UsageError, check_numbers, resolve_config, usage_error
+from training.options import (FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status,
+                              resolve_config)
+from training.sampler import StepSampler
+from training.schedules import cosine_lr
 from training.stopping import StopRequests
 from training.workers import ignore_stop_signals, shutdown_workers
 
 from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
-from .loading import CHECKPOINT, CHECKPOINT_FORMAT, FINGERPRINT_KEY, LORA_DIR, RUN_FILE
+from .loading import (CHECKPOINT_FORMAT, CHECKPOINT_WHAT, FINGERPRINT_KEY, LEGACY_CHECKPOINTS, LORA_DIR, RUN_FILE,
+                      WEIGHTS_KEY, upgrade)
 from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError
 from .vision_tower import FEATURE_KINDS, MedITokVisionTower
 
@@ -109,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed (data order, initial projector, LoRA)")
     t.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
-    t.add_argument("--resume", default=None, help="'auto' (the run folder's checkpoint if any), 'restart' (from step "
-                                                  "0) or a checkpoint path")
+    t.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in the run folder")
+    t.add_argument("--resume", default=None, help="'auto' (the newest usable checkpoint, or an older version's "
+                   "ckpt-last.pth), 'restart' (step 0) or a checkpoint path; without it a run's folder is refused")
     t.add_argument("--stop-after-steps", type=int, default=None,
                    help="save and stop after this many optimiser steps (to split a run; --resume auto continues)")
     t.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
@@ -130,14 +139,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         values = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"error: {first.config}: unknown key(s) {unknown}; see python -m interpretation.train --help")
+            raise UsageError(f"--config {first.config}: unknown key(s) {unknown}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     for name in ("stage", "language_model", "data", "out"):
         if getattr(args, name) in (None, []):
             raise UsageError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
     problems = check_numbers(vars(args), positive=("epochs", "batch_size", "grad_accum", "lr", "log_every",
-                                                   "save_every", "max_length", "lora_r", "lora_alpha"),
+                                                   "save_every", "max_length", "lora_r", "lora_alpha",
+                                                   "keep_checkpoints"),
                              non_negative=("weight_decay", "max_grad_norm", "num_workers", "projector_lr",
                                            "stop_after_steps", "img_size"),
                              unit_interval=("warmup_ratio", "lora_dropout"))
@@ -162,7 +172,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> MedITokLlava:
 
     lm_dir = Path(args.language_model)
     if not lm_dir.is_dir():
-        raise SystemExit(f"error: --language-model {lm_dir}: no such folder; point it at a saved transformers model "
+        raise UsageError(f"--language-model {lm_dir}: no such folder; point it at a saved transformers model "
                          f"(python scripts/make_tiny_lm.py writes a tiny one)")
     tower_dtype = torch.bfloat16 if use_bf16(args, device) else None  # the tower first: a bad path fails in seconds
     tower = MedITokVisionTower.from_source(args.vision_tower, args.features, img_size=args.img_size, device=device,
@@ -191,7 +201,7 @@ def add_lora(language_model, args: argparse.Namespace):
     present = {name.rsplit(".", 1)[-1] for name, _ in language_model.named_modules()}
     missing = [t for t in targets if t not in present]
     if missing:
-        raise SystemExit(f"error: --lora-targets {missing} are not modules of {args.language_model}; modules with "
+        raise UsageError(f"--lora-targets {missing} are not modules of {args.language_model}; modules with "
                          f"'proj' in their name there: {sorted(n for n in present if 'proj' in n)}")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
@@ -230,25 +240,27 @@ class ConversationDataset(Dataset):
         return {"image": self.tower.load_image(record.image, record.modality), **self.tokens[index]}
 
 
-class EpochBatches:
-    """Batches of indices for one epoch: a seeded permutation (seed + epoch), this rank's share, from ``start``
-    (a batch index) on, so a resumed run sees exactly the batches it had not seen."""
+class MicroBatches:
+    """The DataLoader's batch_sampler: a :class:`training.sampler.StepSampler` over optimiser steps (``batch_size
+    × grad_accum`` rows per process per step, a pure function of (seed, step)) cut into the step's ``grad_accum``
+    micro-batches of ``batch_size`` rows."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        per_rank = len(order) // world  # equal shares: every rank takes the same number of steps
-        mine = order[rank * per_rank:(rank + 1) * per_rank]
-        self.batches = [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)][start:]
+    def __init__(self, steps: StepSampler, grad_accum: int):
+        self.steps, self.grad_accum = steps, grad_accum
 
     def __iter__(self) -> Iterator[List[int]]:
-        return iter(self.batches)
+        for rows in self.steps:
+            size = len(rows) // self.grad_accum
+            for k in range(self.grad_accum):
+                yield rows[k * size:(k + 1) * size]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.steps) * self.grad_accum
 
 
-def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
-    return (n // world) // batch_size
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int:
+    """Optimiser steps in one pass over ``n`` samples (the tail that fills no global batch is dropped)."""
+    return n // (batch_size * grad_accum * world)
 
 
 def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -260,45 +272,48 @@ def collate(samples: List[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
-def save_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler, step: int, args) -> None:
-    """Trainable weights + optimiser + schedule + RNG + step, written atomically (temp file, fsync, rename)."""
-    from meditok import atomic_write
-
-    payload = {"format": CHECKPOINT_FORMAT, "step": step, "stage": args.stage, "args": vars(args),
-               "trainable": {k: v.detach().cpu() for k, v in trainable_parameters(model).items()},
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    atomic_write(path, lambda f: torch.save(payload, f))
+# Checkpoints (files, resume, per-rank RNG states: training.checkpointer.Checkpointer; layout: .loading)
+ORDER_ARGS = ("seed", "batch_size", "grad_accum", "data", "data_format", "max_length")  # they change the batches
 
 
-def load_checkpoint(path: Path, model: MedITokLlava, optimizer, scheduler) -> int:
-    try:
-        payload = safe_load(path, formats=(CHECKPOINT_FORMAT,), what="VQA training checkpoint")
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
-    params = trainable_parameters(model)
-    if set(params) != set(payload["trainable"]):
-        raise SystemExit(f"error: {path}: its trainable parameters differ from this run's (stage or LoRA settings "
-                         f"changed?); resume with the same --config and --stage")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(payload["trainable"][name])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    set_rng_state(payload["rng"])
-    return int(payload["step"])
+class TrainingState:
+    """The run's part of a checkpoint (the Checkpointer adds the step, every rank's RNG states and the
+    arguments): the stage, the trainable weights (the projector; + LoRA in stage B) and the optimiser. The
+    learning rate is a function of the step: nothing of the schedule is saved (an old ``scheduler`` entry is
+    ignored)."""
+
+    def __init__(self, model: MedITokLlava, optimizer: torch.optim.Optimizer, stage: str):
+        self.model, self.optimizer, self.stage = model, optimizer, stage
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"stage": self.stage,
+                WEIGHTS_KEY: {k: v.detach().cpu() for k, v in trainable_parameters(self.model).items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        """ValueError (the Checkpointer's one-line refusal) for a checkpoint of another stage or LoRA setting."""
+        params, saved = trainable_parameters(self.model), ckpt.get(WEIGHTS_KEY) or {}
+        if ckpt.get("stage") not in (None, self.stage):
+            raise ValueError(f"it is a stage {ckpt['stage']} checkpoint and this is stage {self.stage}; resume "
+                             f"with the same --stage (stage B starts from stage A with --init-projector)")
+        reshaped = [n for n in params if n in saved and tuple(saved[n].shape) != tuple(params[n].shape)]
+        if set(params) != set(saved) or reshaped:
+            raise ValueError("its trainable parameters differ from this run's (stage or LoRA settings changed?); "
+                             "resume with the same --config and --stage")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+
+    def nonfinite_tensors(self) -> List[str]:
+        return nonfinite_names(trainable_parameters(self.model).items())
 
 
-def resolve_resume(args, out: Path) -> Optional[Path]:
-    if not args.resume or args.resume == "restart":
-        return None
-    if args.resume == "auto":
-        path = out / CHECKPOINT
-        return path if path.is_file() else None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise SystemExit(f"error: --resume {path}: no such checkpoint; use --resume auto or the run's {CHECKPOINT}")
-    return path
+def make_checkpointer(args: argparse.Namespace) -> Checkpointer:
+    """The run folder's checkpointer (locks the folder: create it before anything is written there)."""
+    return Checkpointer(Path(args.out), args.resume or "", args.keep_checkpoints, CHECKPOINT_FORMAT,
+                        CHECKPOINT_WHAT, args=vars(args), order_args=ORDER_ARGS, weights_key=WEIGHTS_KEY,
+                        legacy=LEGACY_CHECKPOINTS, upgrade=upgrade, name=f"stage {args.stage}")
 
 
 def save_outputs(out: Path, model: MedITokLlava, args) -> None:
@@ -321,6 +336,9 @@ def save_outputs(out: Path, model: MedITokLlava, args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
 def make_optimizer(model: MedITokLlava, args):
     projector = [p for p in model.projector.parameters() if p.requires_grad]
@@ -329,6 +347,13 @@ def make_optimizer(model: MedITokLlava, args):
     if others:
         groups.append({"params": others, "lr": args.lr})
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+
+
+def learning_rates(peaks: Sequence[float], step: int, total_steps: int, warmup_steps: int) -> List[float]:
+    """Each parameter group's learning rate at ``step`` (0-based): its own peak on the one schedule of every
+    trainer, :func:`training.schedules.cosine_lr` with floor 0 — peak·(step+1)/warmup during the warm-up, then
+    peak·½(1 + cos(π·(step − warmup)/(total − warmup)))."""
+    return [cosine_lr(step, total_steps, peak, 0.0, warmup_steps) for peak in peaks]
 
 
 @dataclass
@@ -343,21 +368,44 @@ class Run:
     trained: torch.nn.Module          # the model, or its DDP wrapper
     dataset: ConversationDataset
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    state: TrainingState
+    checkpointer: Checkpointer
+    peaks: List[float]                # each parameter group's peak learning rate
     steps_per_epoch: int
     total_steps: int
+    warmup_steps: int
     step: int = 0
+    sampler: Optional[StepSampler] = None
+
+    def set_learning_rates(self) -> float:
+        """The schedule's learning rates for the coming step; returns the last group's (LoRA in stage B)."""
+        lrs = learning_rates(self.peaks, self.step, self.total_steps, self.warmup_steps)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        return lrs[-1]
 
 
 def prepare_run(args: argparse.Namespace) -> Run:
-    """Distributed setup, model, data (every prompt checked), optimiser, schedule, and the resumed state."""
-    from transformers import get_cosine_schedule_with_warmup
-
+    """Distributed setup, the run folder (locked), model, data, optimiser, and the resumed state."""
     rank, world, device = setup_distributed(args.device)
-    out = Path(args.out)
+    checkpointer = make_checkpointer(args)  # first: a folder in use or holding another run stops everything here
+    try:
+        run = build_run(args, rank, world, device, checkpointer)
+        run.step = checkpointer.restore(run.state)  # weights, optimiser and this rank's RNG states
+    except BaseException:
+        checkpointer.close()
+        raise
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        (run.out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    if world > 1:
+        run.trained = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def build_run(args: argparse.Namespace, rank: int, world: int, device: torch.device,
+              checkpointer: Checkpointer) -> Run:
+    """Model, data (every prompt checked), optimiser and schedule of a fresh run."""
     captions = args.stage == "A"
     try:  # the data first: a bad file fails in seconds, before a large model is loaded
         records = read_many(args.data, args.data_format, args.image_root, captions=captions)
@@ -366,39 +414,34 @@ def prepare_run(args: argparse.Namespace) -> Run:
         model = build_model(args, device)
         dataset = ConversationDataset(records, model, captions, args.max_length)
     except (DataFormatError, PromptError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise RunError(str(error)) from None
     params = trainable_parameters(model)
     if rank == 0:
         print(f"stage {args.stage}: {len(dataset)} samples, {sum(p.numel() for p in params.values()):,} trainable "
               f"parameters ({', '.join(sorted({n.split('.')[0] for n in params}))}), world size {world}")
-    per_epoch = batches_per_epoch(len(dataset), args.batch_size, world) // args.grad_accum
+    per_epoch = steps_per_epoch(len(dataset), args.batch_size, args.grad_accum, world)
     if per_epoch == 0:
-        raise SystemExit(f"error: {len(dataset)} samples are fewer than one step (batch {args.batch_size} × "
-                         f"accumulation {args.grad_accum} × {world} processes); lower --batch-size")
+        raise UsageError(f"{len(dataset)} samples are fewer than one step (--batch-size {args.batch_size} × "
+                         f"--grad-accum {args.grad_accum} × {world} processes); lower --batch-size")
     total_steps = max(1, math.ceil(args.epochs * per_epoch))
     optimizer = make_optimizer(model, args)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    run = Run(args, rank, world, device, out, model, model, dataset, optimizer, scheduler, per_epoch, total_steps)
-    resume = resolve_resume(args, out)
-    if resume is not None:
-        run.step = load_checkpoint(resume, model, optimizer, scheduler)
-        if rank == 0:
-            print(f"resumed from {resume} at step {run.step}/{total_steps}")
-    if world > 1:
-        run.trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return run
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    return Run(args, rank, world, device, Path(args.out), model, model, dataset, optimizer,
+               TrainingState(model, optimizer, args.stage), checkpointer, peaks, per_epoch, total_steps,
+               int(args.warmup_ratio * total_steps))
 
 
-def epoch_loader(run: Run, epoch: int, start_batch: int) -> DataLoader:
-    sampler = EpochBatches(len(run.dataset), run.args.batch_size, run.args.seed, epoch, run.rank, run.world,
-                           start_batch)
+def make_loader(run: Run) -> DataLoader:
+    """Micro-batches from the run's step to its end (``run.sampler`` says which epoch a step is in)."""
+    args = run.args
+    run.sampler = StepSampler(len(run.dataset), args.batch_size * args.grad_accum, args.seed, run.rank, run.world,
+                              start_step=run.step, steps=run.total_steps)
     # Its own generator: creating a loader draws a seed, which must not move the RNG that LoRA dropout uses
-    # (else a run resumed mid-epoch would diverge from an unbroken one).
-    return DataLoader(run.dataset, batch_sampler=sampler, num_workers=run.args.num_workers,
-                      worker_init_fn=ignore_stop_signals,
+    # (else a resumed run would diverge from an unbroken one).
+    return DataLoader(run.dataset, batch_sampler=MicroBatches(run.sampler, args.grad_accum),
+                      num_workers=args.num_workers, worker_init_fn=ignore_stop_signals,
                       collate_fn=functools.partial(collate, pad_id=run.model.tokenizer.pad_token_id),
-                      generator=torch.Generator().manual_seed(run.args.seed + epoch))
+                      generator=torch.Generator().manual_seed(args.seed))
 
 
 def global_totals(run: Run, loss: float, tokens: int, samples: int) -> tuple:
@@ -411,67 +454,71 @@ def global_totals(run: Run, loss: float, tokens: int, samples: int) -> tuple:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run one stage; returns a summary (steps, final loss, seconds, finished)."""
+    """Run one stage; returns a summary (steps, final loss, seconds, finished, exit code)."""
     run = prepare_run(args)
-    log = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
-    log.truncate_after(run.step)  # the steps after the checkpoint are logged again
-    stops, stopped, batches = StopRequests(1, args.stop_after_steps or 0, f"stage {args.stage}"), "", None
-    bf16 = use_bf16(args, run.device)
-    start_time = window_start = time.time()
-    window_samples = window_tokens = 0
-    last_loss = float("nan")
-    progress = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc=f"stage {args.stage}")
-    run.model.train()
+    stops, batches = StopRequests(1, args.stop_after_steps or 0, f"stage {args.stage}"), None
+    start_time = time.time()
     try:
-        while run.step < run.total_steps and not stopped:
-            epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
-            micro = []
-            batches = iter(epoch_loader(run, epoch, in_epoch * args.grad_accum))
-            for batch in batches:
-                micro.append(batch)
-                if len(micro) < args.grad_accum:
-                    continue
-                loss, samples, tokens = train_step(run.trained, run.model, micro, run.optimizer, run.scheduler,
-                                                   run.device, bf16, args)
-                micro = []
-                run.step += 1
-                last_loss, tokens, samples = global_totals(run, loss, tokens, samples)
-                window_samples, window_tokens = window_samples + samples, window_tokens + tokens
-                progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.4f}")
-                if run.step % args.log_every == 0 or run.step == run.total_steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    log.write({"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": last_loss,
-                               "lr": run.scheduler.get_last_lr()[-1], "samples_per_s": window_samples / elapsed,
-                               "tokens_per_s": window_tokens / elapsed, "elapsed_s": time.time() - start_time})
-                    window_start, window_samples, window_tokens = time.time(), 0, 0
-                stopped = stops.should_stop(run.step, run.total_steps, run.device)  # ranks agree every step
-                done = run.step >= run.total_steps
-                if run.rank == 0 and (run.step % args.save_every == 0 or done or stopped):
-                    save_checkpoint(run.out / CHECKPOINT, run.model, run.optimizer, run.scheduler, run.step, args)
-                if done or stopped:
-                    break
+        batches = iter(make_loader(run))
+        stopped, last_loss = run_loop(run, batches, stops, start_time)
+        finished = run.step >= run.total_steps
+        if run.rank == 0 and finished:
+            save_outputs(run.out, run.model, args)
+        if run.rank == 0 and stopped:
+            print(f"[stage {args.stage}] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint "
+                  f"saved; `--resume auto` with the same --out continues from here", flush=True)
+        if run.world > 1:
+            dist.barrier()
     finally:
         shutdown_workers(batches)  # workers would outlive a failed run (and block the interpreter's exit)
-        progress.close()
         stops.close()
-    finished = run.step >= run.total_steps
-    if run.rank == 0 and finished:
-        save_outputs(run.out, run.model, args)
-    if run.rank == 0 and stopped:
-        print(f"[stage {args.stage}] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint saved; "
-              f"`--resume auto` with the same --out continues from here", flush=True)
-    if run.world > 1:
-        dist.barrier()
+        run.checkpointer.close()
     return {"steps": run.step, "total_steps": run.total_steps, "final_loss": last_loss,
             "seconds": time.time() - start_time, "finished": finished, "exit_code": stops.final_exit_code(stopped)}
 
 
-def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]], optimizer, scheduler,
+def run_loop(run: Run, batches: Iterator[Dict[str, torch.Tensor]], stops: StopRequests, start_time: float) -> tuple:
+    """Optimiser steps until the end or a stop request (the ranks agree every step), logging every --log-every
+    steps and saving every --save-every steps, at the stop and at the end; returns (the stop's reason or '',
+    the last step's loss)."""
+    args, bf16 = run.args, use_bf16(run.args, run.device)
+    log = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
+    log.truncate_after(run.step)  # the steps after the checkpoint are logged again
+    window_start, window_samples, window_tokens = time.time(), 0, 0
+    stopped, last_loss = "", float("nan")
+    progress = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc=f"stage {args.stage}")
+    run.model.train()
+    try:
+        while run.step < run.total_steps and not stopped:
+            micro = [next(batches) for _ in range(args.grad_accum)]
+            lr = run.set_learning_rates()
+            loss, samples, tokens = train_step(run.trained, run.model, micro, run.optimizer, run.device, bf16, args)
+            run.step += 1
+            last_loss, tokens, samples = global_totals(run, loss, tokens, samples)
+            window_samples, window_tokens = window_samples + samples, window_tokens + tokens
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if run.step % args.log_every == 0 or run.step == run.total_steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                log.write({"step": run.step, "epoch": run.sampler.epoch_of(run.step - 1), "loss": last_loss,
+                           "lr": lr, "samples_per_s": window_samples / elapsed,
+                           "tokens_per_s": window_tokens / elapsed, "elapsed_s": time.time() - start_time})
+                window_start, window_samples, window_tokens = time.time(), 0, 0
+                if math.isfinite(last_loss):
+                    run.checkpointer.mark_healthy(run.step)  # a finite step vouches for the newest checkpoint
+            stopped = stops.should_stop(run.step, run.total_steps, run.device)
+            if run.step % args.save_every == 0 or run.step >= run.total_steps or stopped:
+                run.checkpointer.save(run.step, run.state)  # on every rank: each adds its RNG states
+    finally:
+        progress.close()
+    return stopped, last_loss
+
+
+def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]], optimizer,
                device: torch.device, bf16: bool, args) -> tuple:
-    """One optimiser step over ``grad_accum`` micro-batches; returns (mean loss, samples, answer tokens).
-    Each micro-batch's loss is weighted by its share of the answer tokens, so accumulation equals one big batch.
-    Under DDP only the last micro-batch synchronises gradients."""
+    """One optimiser step over ``grad_accum`` micro-batches at the learning rates set in the optimiser; returns
+    (mean loss, samples, answer tokens). Each micro-batch's loss is weighted by its share of the answer tokens,
+    so accumulation equals one big batch. Under DDP only the last micro-batch synchronises gradients."""
     optimizer.zero_grad(set_to_none=True)
     total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     loss_sum, samples = 0.0, 0
@@ -489,21 +536,18 @@ def train_step(trained, model: MedITokLlava, micro: List[Dict[str, torch.Tensor]
     if args.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     optimizer.step()
-    scheduler.step()
     return loss_sum / max(total_tokens, 1), samples, total_tokens
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """0 when the stage finished (or stopped at --stop-after-steps), 143 / 130 when SIGTERM / Ctrl-C stopped it
-    (after saving), 2 for bad input."""
+    (after saving), 2 for a bad option value or a missing model, 1 when the run cannot go on (a run folder in use
+    or holding another run, no usable checkpoint, a bad data file, non-finite weights, a full disk)."""
     try:
         args = parse_args(argv)
         summary = train(args)
-    except UsageError as error:
-        return usage_error(PROG, error)
-    except (ValueError, FileNotFoundError) as error:  # a missing model or tower, a projector of another model, ...
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+    except FAILURES as error:  # a missing model or tower, a projector of another model, ...: exit 2
+        return failure_status(PROG, error)
     finally:
         distributed.cleanup()
     print(json.dumps(summary))

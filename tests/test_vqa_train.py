@@ -1,6 +1,12 @@
-"""Stage A / stage B training of the interpretation model: what is frozen, what learns, exact resume, the CLIs."""
+"""Stage A / stage B training of the interpretation model: what is frozen, what learns, the schedule, exact resume
+(also from an older version's run folder, and with two gloo processes), the CLIs."""
 import json
+import math
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,8 @@ from safetensors.torch import load_file
 
 from interpretation import train as vqa_train
 from interpretation.tiny import make_tiny_lm
+from training.checkpoint_files import RunError
+from training.options import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "datasets" / "examples"
@@ -70,13 +78,10 @@ def test_stage_b_changes_only_lora_and_projector(setup, tmp_path):
     trainable = set(vqa_train.trainable_parameters(model))
     assert trainable and all(n.startswith("projector.") or ".lora_" in n for n in trainable)
     optimizer = vqa_train.make_optimizer(model, args)
-    from transformers import get_constant_schedule
-
-    scheduler = get_constant_schedule(optimizer)
     batch = batch_of(model, setup, captions=False)
     model.train()
     for _ in range(3):  # LoRA's A matrices get gradients from the second step on (B starts at zero)
-        vqa_train.train_step(model, model, [batch], optimizer, scheduler, torch.device("cpu"), False, args)
+        vqa_train.train_step(model, model, [batch], optimizer, torch.device("cpu"), False, args)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
 
@@ -109,6 +114,35 @@ def test_exact_resume(setup, straight_run, tmp_path):
                for d in (straight_run, tmp_path / "split")]
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     assert [m["loss"] for m in metrics[0]] == [m["loss"] for m in metrics[1]]
+    assert [m["epoch"] for m in metrics[1]] == [0, 0, 1, 1]
+    # no warm-up: the peak, then cosine decay towards 0 at step 4 (the lr each step used)
+    assert [m["lr"] for m in metrics[1]] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4))
+                                                           for k in range(4)], rel=1e-12)
+    names = sorted(p.name for p in (tmp_path / "split").glob("ckpt-*.pth*"))
+    assert names == ["ckpt-00000001.pth", "ckpt-00000001.pth.sha256", "ckpt-00000004.pth",
+                     "ckpt-00000004.pth.sha256"]
+
+
+def test_the_learning_rate_schedule_against_an_independent_formula():
+    """Each parameter group at its own peak: linear warm-up peak·(k+1)/w, then peak·½(1 + cos(π(k − w)/(T − w)));
+    after the warm-up exactly the transformers cosine schedule the trainer used before, during it one step
+    ahead of it (transformers starts at 0)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    peaks, total, warmup = [2e-3, 1e-2], 20, 5
+    for k in range(total):
+        want = [p * (k + 1) / warmup if k < warmup else
+                p * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) for p in peaks]
+        assert vqa_train.learning_rates(peaks, k, total, warmup) == pytest.approx(want, rel=1e-12, abs=1e-18)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule, before = get_cosine_schedule_with_warmup(optimizer, warmup, total), []
+    for _ in range(total + 1):
+        before.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    for k in range(total):
+        (lr,) = vqa_train.learning_rates([1e-2], k, total, warmup)
+        assert lr == pytest.approx(before[k + 1] if k < warmup else before[k], rel=1e-12, abs=1e-18), k
 
 
 def test_evaluation_cli_on_a_trained_run(setup, straight_run, tmp_path):
@@ -140,7 +174,7 @@ def test_config_file_stages_and_unknown_keys(setup, tmp_path):
     assert (a.data, a.out, a.batch_size, a.lora_r) == (["a.csv"], "A", 3, 128)
     assert (b.data, b.out, b.batch_size, b.lora_r) == (["b.json"], "B", 5, 2)
     config.write_text(json.dumps({"language_model": "lm", "batchsize": 3}))
-    with pytest.raises(SystemExit, match=r"c\.json: unknown key\(s\) \['batchsize'\]"):
+    with pytest.raises(UsageError, match=r"c\.json: unknown key\(s\) \['batchsize'\]"):
         vqa_train.parse_args(["--config", str(config), "--stage", "A"])
 
 
@@ -150,7 +184,7 @@ def test_training_data_without_placeholder_fails_naming_the_record(setup, tmp_pa
         {"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "CT"}]}]))
     args = args_for(setup, "B", tmp_path / "out")
     args.data = [str(bad)]
-    with pytest.raises(SystemExit, match=r"bad\.json:record 0: the prompt has no image placeholder '<image>'"):
+    with pytest.raises(RunError, match=r"bad\.json:record 0: the prompt has no image placeholder '<image>'"):
         vqa_train.train(args)
 
 
@@ -199,7 +233,7 @@ def test_help_runs(module, capsys):
 def test_missing_images_are_reported_before_training(setup, tmp_path):
     args = args_for(setup, "B", tmp_path / "out")
     args.image_root = str(tmp_path / "elsewhere")
-    with pytest.raises(SystemExit, match=r"4 of 4 image file\(s\) not found \(.*qa\.csv:line 2: .*elsewhere/ct/"
+    with pytest.raises(RunError, match=r"4 of 4 image file\(s\) not found \(.*qa\.csv:line 2: .*elsewhere/ct/"
                                          r"thorax_vertebra\.png.*check --image-root"):
         vqa_train.train(args)
 
@@ -238,3 +272,92 @@ def test_bad_values_give_one_line_and_exit_2(setup, tmp_path, capsys, flag, valu
     assert vqa_train.main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def as_old_layout(run_dir: Path) -> None:
+    """Turn a stopped run's folder into what the trainer wrote before the shared Checkpointer: one ckpt-last.pth
+    (no checksum) holding one RNG state, a transformers scheduler state, no per-rank entries."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    (path,) = run_dir.glob("ckpt-*.pth")
+    new = torch.load(path, weights_only=True)
+    step, optimizer_state = new["step"], new["optimizer"]
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": g["lr"]}
+                                   for g in optimizer_state["param_groups"]])
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, new["args"]["epochs"] * 2)
+    for _ in range(step):
+        optimizer.step()
+        schedule.step()
+    for group in optimizer_state["param_groups"]:
+        group["initial_lr"] = group["lr"]
+    old = {"format": "meditok-interpretation-v1", "step": step, "stage": new["stage"], "args": new["args"],
+           "trainable": new["trainable"], "optimizer": optimizer_state, "scheduler": schedule.state_dict(),
+           "rng": new["ranks"][0]["rng"]}
+    for leftover in [*run_dir.glob("ckpt-*"), run_dir / "healthy.json"]:
+        leftover.unlink(missing_ok=True)
+    torch.save(old, run_dir / "ckpt-last.pth")
+
+
+def test_a_run_folder_of_the_old_layout_resumes_exactly_and_loads_for_inference(setup, straight_run, tmp_path):
+    from interpretation import loading
+    from interpretation.inference import load_trained
+
+    out = tmp_path / "old"
+    assert run(setup, out, "--stop-after-steps", "1")["steps"] == 1
+    as_old_layout(out)
+    assert loading.training_checkpoints(out) == [out / "ckpt-last.pth"]
+    assert loading.load_checkpoint(out / "ckpt-last.pth")["ranks"][0]["rng"] is not None  # upgraded
+    with pytest.raises(RunError, match="trainable parameters differ from this run's"):  # refused, folder unlocked
+        run(setup, out, "--resume", "auto", "--lora-r", "2")
+    with pytest.raises(RunError, match="already holds checkpoints of a run"):  # no --resume: never overwritten
+        run(setup, out)
+    summary = run(setup, out, "--resume", "auto")
+    assert summary["finished"] and summary["steps"] == 4
+    assert (out / "ckpt-last.pth").is_file() and (out / "ckpt-00000004.pth").is_file()
+    for name in ("projector.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(straight_run / name), load_file(out / name)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key}"
+    model, description = load_trained(out, "cpu")
+    reference, _ = load_trained(straight_run, "cpu")
+    assert description["stage"] == "B" and description["lora"] == "lora"
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_two_gloo_processes_stopped_and_resumed_equal_an_unbroken_two_process_run(setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 1 each: stopped after step 1 of 4 and resumed with --resume
+    auto (every rank restores its own RNG states from the checkpoint), the trainable weights equal those of an
+    unbroken 2-process run."""
+    def torchrun(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", "interpretation.train", "--stage", "B", "--language-model",
+                   str(setup["lm"]), "--data", str(setup["qa"]), "--image-root", str(EXAMPLES), "--out", str(out),
+                   "--img-size", "32", "--batch-size", "1", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8",
+                   "--lora-dropout", "0.3", "--log-every", "1", "--device", "cpu", "--warmup-ratio", "0.25",
+                   "--epochs", "2", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    torchrun(tmp_path / "unbroken")
+    torchrun(tmp_path / "split", "--stop-after-steps", "1")
+    assert not (tmp_path / "split" / "projector.safetensors").exists()
+    ranks = torch.load(tmp_path / "split" / "ckpt-00000001.pth", weights_only=True)["ranks"]
+    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])  # LoRA dropout: each rank its own
+    torchrun(tmp_path / "split", "--resume", "auto")
+    ckpt = torch.load(tmp_path / "split" / "ckpt-00000004.pth", weights_only=True)
+    assert ckpt["step"] == 4 and len(ckpt["ranks"]) == 2
+    for name in ("projector.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "unbroken" / name), load_file(tmp_path / "split" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key}"
