@@ -119,7 +119,8 @@ BENCHMARK_DEFAULTS = {"preset": "large", "img_size": 256, "num_workers": 8,
 
 def parse(argv: Optional[List[str]] = None):
     """(benchmark options, training Args): the benchmark's own flags here, every other flag (and --config)
-    through the training parser, so the timed trainer is configured exactly as ``train.py`` would be."""
+    through the training parser, so the timed trainer is configured exactly as ``train.py`` would be.
+    ``--help`` prints both and returns None."""
     p = argparse.ArgumentParser(prog="python -m tokenizer_training.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     p.add_argument("-h", "--help", action="store_true")
@@ -137,31 +138,25 @@ def parse(argv: Optional[List[str]] = None):
         p.print_help()
         print("\nTraining flags (python train.py --help):")
         build_parser().print_help()
-        raise SystemExit(0)
+        return None
     return a, parse_args(rest, defaults=BENCHMARK_DEFAULTS)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    a, args = parse(argv)
-    args.batch_size = a.batch_sizes[0]
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    trainer = Trainer(args, device)
-    # a nominal epoch of 1,000 steps; every step is timed past the warm-ups, with every loss active
-    trainer.schedule = Schedule.from_args(args, steps_per_epoch=1000)
-    env = {**report.environment(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
-           "channels_last": args.channels_last, "compile": args.compile,
-           "compile_backend": args.compile_backend if args.compile else None,
-           "compile_form": args.compile_form if args.compile else None, "upsample": args.upsample or "transposed",
-           "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
-           "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
-    results: Dict[str, Any] = {"environment": env, "command": " ".join(sys.argv), "train_step": [], "inference": []}
-    ckpt = args.grad_ckpt and args.grad_ckpt_parts  # False, or what is recomputed
+def environment(trainer: Trainer, args, device: torch.device) -> Dict[str, Any]:
+    """The machine and the timed configuration, recorded beside the numbers."""
+    return {**report.environment(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "precision": "bf16" if trainer.bf16 else "fp32", "losses": trainer.losses_summary(),
+            "channels_last": args.channels_last, "compile": args.compile,
+            "compile_backend": args.compile_backend if args.compile else None,
+            "compile_form": args.compile_form if args.compile else None, "upsample": args.upsample or "transposed",
+            "tokenizer_gflops_per_image_train": trainer.train_flops_per_image / 1e9,
+            "peak_tflops": trainer.peak_flops / 1e12 if trainer.peak_flops else None}
 
+
+def time_training_steps(trainer: Trainer, args, a, device: torch.device) -> List[Dict[str, Any]]:
+    """One cell per batch size on a synthetic batch, and with --real-data one fed by the training data loader."""
+    cells = []
+    ckpt = args.grad_ckpt and args.grad_ckpt_parts  # False, or what is recomputed
     for bs in a.batch_sizes:
         cell = {"stage": args.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt, "data": "synthetic"}
         try:
@@ -170,36 +165,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         except torch.cuda.OutOfMemoryError:
             cell["error"] = "out of memory"
             torch.cuda.empty_cache()
-        results["train_step"].append(cell)
+        cells.append(cell)
         print(json.dumps({k: v for k, v in cell.items() if k != "last_losses"}), flush=True)
-
     if a.real_data:
         from tokenizer_training.training_data import TrainingData
-        bs = a.batch_sizes[0]
         data = TrainingData(args, trainer.img_size, trainer.text_tokenizer, Path(a.out), 0, 1, device.type)
         source = args.train_shards or args.train_csv
-        cell = {"stage": args.stage, "batch": bs, "img_size": trainer.img_size, "grad_ckpt": ckpt,
+        cell = {"stage": args.stage, "batch": a.batch_sizes[0], "img_size": trainer.img_size, "grad_ckpt": ckpt,
                 "data": f"loader({source}, {args.num_workers} workers)"}
         cell.update(time_steps(trainer, lambda: data.next_batches(1), a.steps, a.warmup, device))
-        results["train_step"].append(cell)
+        cells.append(cell)
         print(json.dumps({k: v for k, v in cell.items() if k != "last_losses"}), flush=True)
+    return cells
 
-    if not a.no_inference:
-        from evaluation.efficiency import _parse_setting, measure
-        model = trainer.tokenizer.eval()
-        for setting in a.inference_settings:
-            b, s = _parse_setting(setting)
-            for task in ("tokenize", "decode", "reconstruct"):
-                try:
-                    rec = measure(model, task, "bf16" if trainer.bf16 else "fp32", b, s, device, warmup=3,
-                                  iters=max(2, a.steps // 2))
-                except torch.cuda.OutOfMemoryError:
-                    rec = {"task": task, "batch": b, "img_size": s, "error": "out of memory"}
-                    torch.cuda.empty_cache()
-                results["inference"].append(rec)
-        model.train()
 
-    out = Path(a.out)
+def time_token_api(trainer: Trainer, a, device: torch.device) -> List[Dict[str, Any]]:
+    """tokenize / decode / reconstruct throughput of the trained tokenizer at each --inference-settings cell."""
+    from evaluation.efficiency import _parse_setting, measure
+    records = []
+    model = trainer.tokenizer.eval()
+    for setting in a.inference_settings:
+        b, s = _parse_setting(setting)
+        for task in ("tokenize", "decode", "reconstruct"):
+            try:
+                rec = measure(model, task, "bf16" if trainer.bf16 else "fp32", b, s, device, warmup=3,
+                              iters=max(2, a.steps // 2))
+            except torch.cuda.OutOfMemoryError:
+                rec = {"task": task, "batch": b, "img_size": s, "error": "out of memory"}
+                torch.cuda.empty_cache()
+            records.append(rec)
+    model.train()
+    return records
+
+
+def to_markdown(results: Dict[str, Any]) -> str:
+    env = results["environment"]
     lines = [f"## Training step — {env['gpu'] or env['device']}, {env['precision']}, losses {env['losses']}", "",
              "| stage | batch | px | ckpt | data | images/s | p50 ms | peak GB | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for c in results["train_step"]:
@@ -218,9 +218,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "–"
             lines.append(f"| {r['task']} | {r['batch']} | {r['img_size']} | {r['images_per_s']:.1f} | {mem} |")
-    report.write_outputs(out, "benchmark", results, "\n".join(lines),
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parsed = parse(argv)
+    if parsed is None:
+        return 0
+    a, args = parsed
+    args.batch_size = a.batch_sizes[0]
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    trainer = Trainer(args, device)
+    # a nominal epoch of 1,000 steps; every step is timed past the warm-ups, with every loss active
+    trainer.schedule = Schedule.from_args(args, steps_per_epoch=1000)
+    results: Dict[str, Any] = {"environment": environment(trainer, args, device), "command": " ".join(sys.argv),
+                               "train_step": time_training_steps(trainer, args, a, device), "inference": []}
+    if not a.no_inference:
+        results["inference"] = time_token_api(trainer, a, device)
+    out, table = Path(a.out), to_markdown(results)
+    report.write_outputs(out, "benchmark", results, table,
                          {"train_step": results["train_step"], "inference": results["inference"]})
-    print("\n".join(lines))
+    print(table)
     print(f"wrote {out / 'benchmark.json'} and benchmark.md")
     return 0
 
