@@ -83,36 +83,59 @@ def test_loss_and_metric_networks(tmp_path):
     refused(lambda: read_inception_state_dict(path, sha256_prefix=None), marker)
 
 
-def test_generator_loading_sampling_cli_and_resume(tmp_path, capsys):
-    from generation import sample, train_ar
+def test_generator_loading_and_sampling_cli(tmp_path, capsys):
+    from generation import sample
     from generation.ar_model import GENERATOR_FORMAT, load_generator
     marker = tmp_path / "ran"
     path = plant(tmp_path / "generator.pth", marker, GENERATOR_FORMAT)
     refused(lambda: load_generator(path), marker)
-    refused(lambda: train_ar.restore(path, None, None, None, None), marker)  # train_ar --resume
     code = sample.main(["--generator", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists() and "refused" in err and "Traceback" not in err, err
 
 
-def test_diffusion_resume_inference_and_alignment_head(tmp_path):
+def trainer_checkpoint_kinds():
+    """(name, format, legacy names, file name) of each trainer's checkpoints: all of them resume through the one
+    training.checkpointer.Checkpointer, so these are the formats and old names it must read safely."""
+    from generation.ar_model import GENERATOR_FORMAT
+    from generation.diffusion import loading as diffusion
+    from interpretation import loading as vqa
+    from tokenizer_training import checkpointing
+    return [("tokenizer", checkpointing.FORMAT, (), "ckpt-00000004.pth"),
+            ("ar", GENERATOR_FORMAT, (), "ckpt-0000004.pth"),  # 7 digits: the AR trainer's old names
+            ("diffusion", diffusion.CHECKPOINT_FORMAT, diffusion.LEGACY_CHECKPOINTS, "checkpoints/latest.pt"),
+            ("vqa", vqa.CHECKPOINT_FORMAT, vqa.LEGACY_CHECKPOINTS, "ckpt-last.pth")]
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "ar", "diffusion", "vqa"])
+def test_every_trainers_resume_refuses_pickles(tmp_path, kind):
+    from training.checkpoint_files import RunError
+    from training.checkpointer import Checkpointer
+    name, fmt, legacy, file_name = next(k for k in trainer_checkpoint_kinds() if k[0] == kind)
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "run" / file_name, marker, fmt)
+    checkpointer = Checkpointer(tmp_path / "run", str(path), 2, fmt, name, legacy=legacy)  # --resume PATH
+    message = refused(lambda: checkpointer.restore(state=None), marker, RunError)
+    assert "refused" in message and str(path) in message
+    checkpointer.close()
+    checkpointer = Checkpointer(tmp_path / "run", "auto", 2, fmt, name, legacy=legacy)  # --resume auto
+    with pytest.warns(UserWarning, match="setting aside"):
+        with pytest.raises(RunError, match="none of its checkpoints is usable"):
+            checkpointer.restore(state=None)
+    checkpointer.close()
+    assert not marker.exists() and not path.exists()  # set aside (renamed), never deleted nor run
+
+
+def test_diffusion_inference_and_alignment_head(tmp_path):
     from evaluation import report_metrics
-    from generation.diffusion import loading, train
+    from generation.diffusion import loading
     marker = tmp_path / "ran"
     latest = plant(tmp_path / "run" / "checkpoints" / "latest.pt", marker, loading.CHECKPOINT_FORMAT)
-    resume = train.resolve_resume("auto", tmp_path / "run")  # the trainer's --resume auto
-    refused(lambda: train.load_checkpoint(resume), marker)
     refused(lambda: loading.load_for_inference(latest), marker)  # generation.diffusion.sample / evaluation.diffusion
+    with pytest.warns(UserWarning, match="setting aside"):  # --checkpoint RUN: its newest usable checkpoint
+        refused(lambda: loading.load_for_inference(tmp_path / "run"), marker, FileNotFoundError)
     plant(tmp_path / "stage2" / "ckpt-00000060.pth", marker, "meditok-train")
     refused(lambda: report_metrics.load_text_head(tmp_path / "stage2"), marker)  # --align-checkpoint RUN
-
-
-def test_vqa_resume(tmp_path):
-    from interpretation import train
-    marker = tmp_path / "ran"
-    path = plant(tmp_path / "ckpt-last.pth", marker, train.CHECKPOINT_FORMAT)
-    message = refused(lambda: train.load_checkpoint(path, None, None, None), marker, SystemExit)
-    assert "refused" in message
 
 
 @pytest.mark.parametrize("module, argv", [
