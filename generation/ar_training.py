@@ -8,14 +8,14 @@ The trainer (``python -m generation.train_ar``) and the training-step benchmark
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from training.optim import adamw
-from training.options import PRECISIONS, UsageError, check_field_types, check_numbers, resolve_config
+from training import config
+from training.options import PRECISIONS, UsageError, check_field_types, check_numbers
 from training.schedules import cosine_lr
 
 from .ar_model import ARConfig
@@ -25,45 +25,42 @@ from .ar_model import ARConfig
 class TrainConfig:
     """Every setting of a run (a JSON config file sets any of them; command-line flags override)."""
 
-    train_cache: str = ""
-    val_cache: str = ""
-    out: str = "runs/synthesis"
-    preset: str = "tiny"
-    head: str = "sequential"
-    model: Dict[str, Any] = field(default_factory=dict)   # ARConfig overrides (e.g. {"class_dropout": 0.1})
-    batch_size: int = 128          # global, over all processes
-    epochs: float = 200.0
-    max_steps: int = 0             # > 0: stop here instead of after `epochs`
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ema: float = 0.0               # EMA decay (0 = off)
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    precision: str = "auto"        # auto: bf16 autocast on a GPU, fp32 on a CPU; or fp32 / bf16
-    bf16: bool = True              # older spelling: with precision auto, false keeps a GPU in fp32
-    log_every: int = 10
-    eval_every: int = 100
-    sample_every: int = 0          # 0 = only at the end
-    sample_per_label: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    peak_tflops: float = 0.0       # 0: look the GPU up in training.flops.PEAK_BF16_TFLOPS
-    resume: str = ""               # "auto" = the newest ckpt in `out`, "restart" = from step 0, or a checkpoint path
+    train_cache: str = ""  # token cache to train on (python -m generation.tokenize_dataset)
+    val_cache: str = ""  # token cache for the validation loss (same tokenizer; labels mapped by name)
+    out: str = "runs/synthesis"  # run folder
+    preset: str = "tiny"  # generator preset: tiny, B (paper), L, XL
+    head: str = "sequential"  # sequential (code k from codes < k, the released variant) or independent (8 heads)
+    model: Dict[str, Any] = field(default_factory=dict)  # generator config overrides, e.g. {"class_dropout": 0.1}
+    batch_size: int = 128  # global batch over all processes (paper 128)
+    epochs: float = 200.0  # epochs over the training cache (paper 200)
+    max_steps: int = 0  # stop after this many steps instead (0 = use --epochs)
+    lr: float = 1e-4  # learning rate (paper 1e-4)
+    beta1: float = 0.9  # AdamW beta1 (0.9)
+    beta2: float = 0.95  # AdamW beta2 (0.95)
+    weight_decay: float = 0.05  # AdamW weight decay (paper 0.05)
+    warmup_steps: int = 0  # linear lr warm-up steps (0 = none)
+    grad_clip: float = 1.0  # gradient-norm clip (0 = off)
+    ema: float = 0.0  # EMA decay of the weights, e.g. 0.9999 (0 = off)
+    seed: int = 0  # seed of data order, class dropout and initialisation
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda or cpu
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16
+    bf16: bool = True  # older spelling of --precision: false keeps a GPU in fp32 under --precision auto
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_every: int = 100  # steps between validation losses (0 = at the end only)
+    sample_every: int = 0  # steps between sample grids (0 = at the end only)
+    sample_per_label: int = 8  # images per label in each sample grid
+    save_every: int = 500  # steps between checkpoints (0 = at the end and on a stop only)
+    keep_checkpoints: int = 2  # checkpoints kept
+    peak_tflops: float = 0.0  # accelerator peak for MFU (0 = look the GPU up in training.flops.PEAK_BF16_TFLOPS)
+    resume: str = ""  # 'auto' (newest checkpoint in --out), 'restart' (from step 0) or a checkpoint path
 
     @classmethod
     def from_sources(cls, config_path: Optional[str], overrides: Dict[str, Any]) -> "TrainConfig":
-        values: Dict[str, Any] = {}
-        if config_path:
-            path = resolve_config(config_path, "synthesis_")
-            values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        values = config.read_config_file(config_path or "", "synthesis_")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown setting(s) {unknown}; known: {sorted(known)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         problems = check_field_types(values, cls) + check_numbers(
             values, positive=("batch_size", "epochs", "lr", "log_every", "keep_checkpoints"),

@@ -346,8 +346,9 @@ class DiffusionKind:
         return path
 
     def load(self, path: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
-        """:func:`load_for_inference` (a checkpoint file, or a run folder: its newest usable checkpoint); ``info`` adds ``text_codec`` and the decoding tokenizer (``token_cache``:
-        the checkpoint's ``token_cache`` if any, else its run's ``--meditok`` or the tokenizer of its ``--cache``)."""
+        """:func:`load_for_inference` (a checkpoint file, or a run folder: its newest usable checkpoint); ``info``
+        adds ``text_codec`` and the decoding tokenizer (``token_cache``: the checkpoint's ``token_cache`` if any, else
+        its run's ``--meditok`` or the tokenizer of its ``--cache``)."""
         from generation.diffusion.loading import load_for_inference
 
         model, codec, payload = load_for_inference(path, device)

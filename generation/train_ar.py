@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training import distributed
+from training import config, distributed
 from training.checkpoint_files import atomic_torch_save
 from training.checkpointer import Checkpointer, nonfinite_names
 from training.flops import peak_flops
@@ -472,47 +472,14 @@ def train_step(trained, model: ARGenerator, optimizer, data: TokenBatches, step:
 # CLI
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    parser = ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Settings from the defaults, then ``--config``, then the flags (one per :class:`TrainConfig` field, its
+    comment the help text: :mod:`training.config`)."""
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file with any of the settings below: a path or a configs/ name "
                                          "(e.g. synthesis_tiny_cpu)")
-    defaults = TrainConfig()
-    helps = {
-        "train_cache": "token cache to train on (python -m generation.tokenize_dataset)",
-        "val_cache": "token cache for the validation loss (same tokenizer; labels mapped by name)",
-        "out": "run folder", "preset": "generator preset: tiny, B (paper), L, XL",
-        "head": "sequential (code k from codes < k, the released variant) or independent (8 heads)",
-        "batch_size": "global batch over all processes (paper 128)", "epochs": "epochs over the training cache (paper 200)",
-        "max_steps": "stop after this many steps instead (0 = use --epochs)", "lr": "learning rate (paper 1e-4)",
-        "weight_decay": "AdamW weight decay (paper 0.05)", "warmup_steps": "linear lr warm-up steps (0 = none)",
-        "grad_clip": "gradient-norm clip (0 = off)", "ema": "EMA decay of the weights, e.g. 0.9999 (0 = off)",
-        "seed": "seed of data order, class dropout and initialisation", "device": "cuda or cpu",
-        "bf16": "older spelling of --precision: false keeps a GPU in fp32 under --precision auto",
-        "precision": "auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16",
-        "log_every": "steps between metrics.jsonl lines",
-        "eval_every": "steps between validation losses (0 = at the end only)",
-        "sample_every": "steps between sample grids (0 = at the end only)",
-        "sample_per_label": "images per label in each sample grid",
-        "save_every": "steps between checkpoints (0 = at the end and on a stop only)",
-        "keep_checkpoints": "checkpoints kept", "peak_tflops": "accelerator peak for MFU (0 = look the GPU up)",
-        "resume": "'auto' (newest checkpoint in --out), 'restart' (from step 0) or a checkpoint path", "beta1": "AdamW beta1 (0.9)",
-        "beta2": "AdamW beta2 (0.95)",
-    }
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model":
-            parser.add_argument("--model", type=json.loads, default=None, metavar="JSON",
-                                help='generator config overrides, e.g. \'{"class_dropout": 0.1, "head_depth": 3}\'')
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL",
-                                help=f"{helps.get(f.name, '')} (default {default})")
-        else:
-            parser.add_argument(flag, type=type(default), default=None, help=f"{helps.get(f.name, '')} (default {default!r})")
-    args = vars(parser.parse_args(argv))
-    config_path = args.pop("config")
-    return TrainConfig.from_sources(config_path, args)
+    config.add_dataclass_flags(parser, TrainConfig)
+    ns = parser.parse_args(argv)
+    return TrainConfig.from_sources(ns.config, config.given(ns))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

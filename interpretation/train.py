@@ -41,9 +41,9 @@ from meditok import weights_fingerprint
 from training import distributed
 from training.checkpoint_files import RunError
 from training.checkpointer import Checkpointer, nonfinite_names
+from training.config import config_file_as_defaults
 from training.metrics import MetricsLog
-from training.options import (FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status,
-                              resolve_config)
+from training.options import FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status
 from training.sampler import StepSampler
 from training.schedules import cosine_lr
 from training.stopping import StopRequests
@@ -130,17 +130,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line over config file over defaults; the config's ``stage_A`` / ``stage_B`` apply to that stage."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        config = json.loads(resolve_config(first.config, "vqa_").read_text())
-        stage = first.stage or config.get("stage")
-        values = {k: v for k, v in config.items() if not k.startswith("stage_")}
-        values.update(config.get(f"stage_{stage}", {}) if stage else {})
-        known = {a.dest for a in parser._actions}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"--config {first.config}: unknown key(s) {unknown}")
-        parser.set_defaults(**values)
+
+    def this_stage(values: Dict[str, Any]) -> Dict[str, Any]:  # the shared keys, then the stage's section
+        stage = first.stage or values.get("stage")
+        return {**{k: v for k, v in values.items() if not k.startswith("stage_")},
+                **(values.get(f"stage_{stage}", {}) if stage else {})}
+
+    config_file_as_defaults(parser, first.config, "vqa_", select=this_stage)
     args = parser.parse_args(argv)
     for name in ("stage", "language_model", "data", "out"):
         if getattr(args, name) in (None, []):

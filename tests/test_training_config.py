@@ -70,3 +70,28 @@ def test_a_file_that_is_not_a_json_object_is_refused(tmp_path):
     path.write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         config.read_config_file(str(path))
+
+
+def test_a_config_file_as_argparse_defaults_for_parser_based_trainers(tmp_path):
+    """The diffusion and VQA trainers keep an argparse parser: the file's values become its defaults (kebab- or
+    snake-case keys), the command line still wins, ``select`` picks a section, unknown keys name the file."""
+    from training.options import UsageError
+
+    def parser():
+        p = ArgumentParser(prog="prog")
+        p.add_argument("--config", default="")
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--out", default="o")
+        return p
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"batch-size": 4, "out": "from-file", "stage_B": {"out": "b"}}))
+    p = parser()
+    applied = config.config_file_as_defaults(p, str(path), select=lambda v: {**{k: x for k, x in v.items()
+                                                                                  if k != "stage_B"}, **v["stage_B"]})
+    assert applied == {"batch_size": 4, "out": "b"}
+    ns = p.parse_args(["--out", "cli"])
+    assert (ns.batch_size, ns.out) == (4, "cli")
+    assert config.config_file_as_defaults(parser(), "") == {}
+    path.write_text(json.dumps({"batchsize": 3}))
+    with pytest.raises(UsageError, match=r"c\.json: unknown key\(s\) \['batchsize'\]"):
+        config.config_file_as_defaults(parser(), str(path))

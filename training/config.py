@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, get_args, get_origin, get_type_hints
 
-from .options import REPO, resolve_config
+from .options import REPO, UsageError, resolve_config
 
 
 def parse_bool(text: str) -> bool:
@@ -79,17 +79,21 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type,
                         aliases: Optional[Mapping[str, Sequence[str]]] = None) -> None:
     """One flag per field (default None, so "not given" is told apart from a value): ``--batch-size`` (and
     ``--batch_size``); a bool alone means true (``--deterministic``) and takes a value (``--deterministic false``);
-    a tuple field takes its n values. ``aliases``: extra spellings per field name (e.g. output_dir: ["--out"])."""
+    a tuple field takes its n values; a dict field takes a JSON object. ``aliases``: extra spellings per field name
+    (e.g. output_dir: ["--out"])."""
     hints = get_type_hints(config_class)
     comments = field_comments(config_class)
     for f in dataclasses.fields(config_class):
         hint = hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kwargs: Dict[str, Any] = {"default": None, "dest": f.name,
-                                  "help": f"{comments.get(f.name, '')} (default: {f.default})"}
+                                  "help": f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")}
         if hint is bool:
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif get_origin(hint) is tuple:
             kwargs.update(type=get_args(hint)[0], nargs=len(get_args(hint)))
+        elif get_origin(hint) is dict or hint is dict:
+            kwargs.update(type=json.loads, metavar="JSON")
         else:
             kwargs.update(type=hint)
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
@@ -140,3 +144,23 @@ def read_config_file(name: str, family: str = "", path_args: Sequence[str] = (),
     if translate is not None:
         translate(config)
     return config
+
+
+def config_file_as_defaults(parser: argparse.ArgumentParser, name: str, family: str = "",
+                            select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """For a trainer whose flags are an argparse parser (no dataclass): ``--config NAME|PATH``'s values become the
+    parser's defaults, so the command line still wins. Keys may be spelt snake_case or kebab-case; ``select`` picks
+    what applies (e.g. a stage's section). A key that is no flag's is refused naming the file (UsageError).
+    Returns the values applied ({} without a config)."""
+    if not name:
+        return {}
+    values = read_config_file(name, family)
+    if select is not None:
+        values = select(values)
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise UsageError(f"{resolve_config(name, family)}: unknown key(s) {unknown}; valid keys are the flags of "
+                         f"--help")
+    parser.set_defaults(**values)
+    return values

@@ -37,10 +37,10 @@ from generation.diffusion.sampler import SamplerOptions, sample
 from generation.text import TextCodec, load_text_tokenizer
 from training import distributed
 from training.checkpointer import Checkpointer, list_checkpoints, nonfinite_names
+from training.config import config_file_as_defaults
 from training.metrics import MetricsLog
 from training.optim import adamw
-from training.options import (FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status,
-                              resolve_config)
+from training.options import FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status
 from training.sampler import StepSampler
 from training.schedules import cosine_lr, set_lr
 from training.stopping import StopRequests
@@ -113,14 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        path = resolve_config(pre.config, "diffusion_")
-        values = json.loads(path.read_text())
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
-        if unknown:
-            parser.error(f"{path}: unknown key(s) {unknown}; valid keys are the flags of --help")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    config_file_as_defaults(parser, pre.config, "diffusion_")
     args = parser.parse_args(argv)
     if args.cache is None:
         raise UsageError("--cache is required (a token cache folder from python -m generation.tokenize_dataset)")
