@@ -44,7 +44,7 @@ from training import config, distributed
 from training.checkpoint_files import atomic_torch_save
 from training.checkpointer import Checkpointer, nonfinite_names
 from training.flops import peak_flops
-from training.metrics import MetricsLog
+from training.step_log import StepLog
 from training.options import FAILURES, ArgumentParser, UsageError, failure_status
 from training.sampler import StepSampler
 from training.schedules import set_lr
@@ -160,16 +160,8 @@ def make_checkpointer(config: TrainConfig) -> Checkpointer:
 # --------------------------------------------------------------------------------------------------
 # Logging
 
-class RunLogger(MetricsLog):
-    """metrics.jsonl (the shared writer), a console line per record, and loss curves at the end."""
-
-    def __init__(self, out: Path, enabled: bool):
-        super().__init__(out / "metrics.jsonl", enabled)
-
-    def write(self, record: Dict[str, Any], echo: bool = True) -> None:
-        super().write(record)
-        if echo and self.enabled:
-            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+class RunLogger(StepLog):
+    """The shared step log (metrics.jsonl, a console line per record, progress bar) and loss curves at the end."""
 
     def plot(self, out_path: Path) -> Optional[Path]:
         if not self.enabled or not self.path.is_file():
@@ -334,11 +326,10 @@ def prepare_run(config: TrainConfig, device: torch.device, checkpointer: Checkpo
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     state = TrainingState(config, model, optimizer, ema, train_cache)
+    step = checkpointer.restore(state)
+    logger = RunLogger(out, total_steps, step, enabled=main_process, desc="synthesis")  # drops records after `step`
     run = Run(config, device, main_process, out, train_cache, val_cache, data, total_steps,
-              torch.bfloat16 if bf16 else None, model, model, optimizer, ema, state, checkpointer,
-              RunLogger(out, main_process))
-    run.step = checkpointer.restore(state)
-    run.logger.truncate_after(run.step)  # the steps after the checkpoint are logged again (a fresh run: none kept)
+              torch.bfloat16 if bf16 else None, model, model, optimizer, ema, state, checkpointer, logger, step)
     if main_process:
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_config": model.config.to_dict(),
                                                       "world_size": world}, indent=2) + "\n")
@@ -415,7 +406,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     stopped by a signal, the step it saved and its exit status. Raises RunError (the run folder or the checkpoint
     refused, a failed save), FloatingPointError (non-finite weights, never saved), ValueError (unusable caches)."""
     device = distributed.init_distributed(config.device)
-    checkpointer, stops, stopped = None, None, ""
+    checkpointer, stops, stopped, run = None, None, "", None
     try:
         checkpointer = make_checkpointer(config)  # locks the run folder first
         run = prepare_run(config, device, checkpointer)
@@ -429,10 +420,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             if run.ema is not None:
                 run.ema.update_parameters(run.model)
             run.step += 1
+            run.logger.advance()
             throughput.images += config.batch_size
             stopped = stops.should_stop(run.step, run.total_steps, run.device)
             after_step(run, loss, throughput, grids, stopped)
             distributed.barrier()
+        run.logger.close()  # the progress bar ends before the closing messages
         if stopped:
             if run.main_process:
                 print(f"[synthesis] stopped ({stopped}) at step {run.step}/{run.total_steps}: checkpoint saved; "
@@ -440,7 +433,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             return {"steps": run.step, "stopped": stopped, "exit_code": stops.final_exit_code(stopped)}
         return finish(run, grids, throughput.flops_per_image, began) if run.main_process else {}
     finally:
-        for part in (stops, checkpointer):
+        for part in (run and run.logger, stops, checkpointer):
             if part is not None:
                 part.close()
         distributed.cleanup()

@@ -35,17 +35,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from meditok import weights_fingerprint
 from training import distributed
 from training.checkpoint_files import RunError
 from training.checkpointer import Checkpointer, nonfinite_names
 from training.config import config_file_as_defaults
-from training.metrics import MetricsLog
 from training.options import FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status
 from training.sampler import StepSampler
 from training.schedules import cosine_lr
+from training.step_log import StepLog
 from training.stopping import StopRequests
 from training.workers import ignore_stop_signals, shutdown_workers
 
@@ -478,11 +477,10 @@ def run_loop(run: Run, batches: Iterator[Dict[str, torch.Tensor]], stops: StopRe
     steps and saving every --save-every steps, at the stop and at the end; returns (the stop's reason or '',
     the last step's loss)."""
     args, bf16 = run.args, use_bf16(run.args, run.device)
-    log = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
-    log.truncate_after(run.step)  # the steps after the checkpoint are logged again
+    # metrics.jsonl (the steps after the checkpoint are logged again), a console line per record, progress bar
+    log = StepLog(run.out, run.total_steps, run.step, enabled=run.rank == 0, desc=f"stage {args.stage}")
     window_start, window_samples, window_tokens = time.time(), 0, 0
     stopped, last_loss = "", float("nan")
-    progress = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc=f"stage {args.stage}")
     run.model.train()
     try:
         while run.step < run.total_steps and not stopped:
@@ -492,8 +490,7 @@ def run_loop(run: Run, batches: Iterator[Dict[str, torch.Tensor]], stops: StopRe
             run.step += 1
             last_loss, tokens, samples = global_totals(run, loss, tokens, samples)
             window_samples, window_tokens = window_samples + samples, window_tokens + tokens
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
+            log.advance()
             if run.step % args.log_every == 0 or run.step == run.total_steps:
                 elapsed = max(time.time() - window_start, 1e-9)
                 log.write({"step": run.step, "epoch": run.sampler.epoch_of(run.step - 1), "loss": last_loss,
@@ -506,7 +503,7 @@ def run_loop(run: Run, batches: Iterator[Dict[str, torch.Tensor]], stops: StopRe
             if run.step % args.save_every == 0 or run.step >= run.total_steps or stopped:
                 run.checkpointer.save(run.step, run.state)  # on every rank: each adds its RNG states
     finally:
-        progress.close()
+        log.close()
     return stopped, last_loss
 
 

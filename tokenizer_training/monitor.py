@@ -10,7 +10,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from training.metrics import MetricsLog, read_metrics
+from training.metrics import read_metrics
+from training.step_log import StepLog
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -148,32 +149,15 @@ class StepLogger:
         self.where_to_resume = where_to_resume  # for the message when training goes non-finite
         self.skipped = 0
         self.flops_per_image, self.peak_flops, self.is_main, self.world = flops_per_image, peak_flops, is_main, world
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=is_main)
-        if start_step > 0:  # rows logged after the checkpoint we resume from are redone: drop them
-            self.metrics.truncate_after(start_step)
+        # metrics.jsonl (rows after the checkpoint we resume from are redone: dropped), console, progress, wandb
+        self.log = StepLog(self.run_dir, total_steps, start_step, enabled=is_main, desc=f"stage {args.stage}",
+                           wandb_project=args.wandb_project if args.report_wandb else None,
+                           wandb_config=args.to_dict())
         self.throughput = Throughput()
         self.t_start, self.step_start = time.perf_counter(), start_step
-        self.wandb_run = None
-        if args.report_wandb and is_main:
-            import os
-            import wandb
-            if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY") \
-                    and not (Path.home() / ".netrc").exists():
-                os.environ["WANDB_MODE"] = "offline"
-                self.print(f"[wandb] no API key configured: logging offline into {self.run_dir / 'wandb'} "
-                           f"(`wandb sync` uploads it later; set WANDB_API_KEY or run `wandb login` to log online)")
-            self.wandb_run = wandb.init(project=args.wandb_project, name=self.run_dir.name, dir=str(self.run_dir),
-                                        config=args.to_dict(), id=self.run_dir.name.replace("/", "_"), resume="allow")
-        self.progress = None
-        if is_main:
-            import sys
-            from tqdm import tqdm
-            self.progress = tqdm(total=total_steps, initial=start_step, desc=f"stage {args.stage}", unit="step",
-                                 dynamic_ncols=True, disable=not sys.stderr.isatty())
 
     def print(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, flush=True)
+        self.log.print(msg)
 
     def after_step(self, step: int, logs: Dict[str, torch.Tensor], batches, lr: float, epoch: int,
                    bad_samples: int) -> Optional[Dict[str, float]]:
@@ -181,8 +165,7 @@ class StepLogger:
         reduced values on logging steps (all finite), else None."""
         from training import distributed as dist
         self.throughput.add(sum(b["image"].shape[0] for b in batches) * self.world)
-        if self.progress is not None:
-            self.progress.update(1)
+        self.log.advance()
         if step % self.args.log_every and step != self.total:
             return None
         keys = list(logs)
@@ -197,9 +180,6 @@ class StepLogger:
             record["mfu"] = self.flops_per_image * rate / self.peak_flops
         if self.device.type == "cuda":
             record["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1024 ** 3
-        self.metrics.write(record)
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=step)
         losses = " ".join(f"{short_name(k)} {v:.4g}" for k, v in values.items()
                           if k.startswith("loss/") and k != "loss/total")
         others = (f"usage {values['codebook_usage']:.1f}% " if "codebook_usage" in values else "") + f"lr {lr:.2e}"
@@ -207,9 +187,7 @@ class StepLogger:
                  + (f" mem {record['gpu_peak_memory_gb']:.1f}G" if "gpu_peak_memory_gb" in record else ""))
         line = (f"step {step}/{self.total} ep {epoch} | total {values['loss/total']:.4f} {losses} | {others} | "
                 f"{speed} ETA {format_eta(eta)}")
-        if self.progress is not None and not self.progress.disable:
-            self.progress.set_postfix_str(line.split("| ", 1)[1][:120])
-        self.print(line)
+        self.log.write(record, line)
         return values
 
     def _check_finite(self, step: int, values: Dict[str, float]) -> None:
@@ -232,10 +210,7 @@ class StepLogger:
                                      + f"{where}. Lower --lr, check the data, or use --on-nonfinite skip.")
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self.log.close()
 
     def finish(self, step: int) -> Optional[Path]:
         """Loss curves (main process); returns their path."""

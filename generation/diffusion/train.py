@@ -38,11 +38,11 @@ from generation.text import TextCodec, load_text_tokenizer
 from training import distributed
 from training.checkpointer import Checkpointer, list_checkpoints, nonfinite_names
 from training.config import config_file_as_defaults
-from training.metrics import MetricsLog
 from training.optim import adamw
 from training.options import FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status
 from training.sampler import StepSampler
 from training.schedules import cosine_lr, set_lr
+from training.step_log import StepLog
 from training.stopping import StopRequests
 from training.workers import ignore_stop_signals, shutdown_workers
 
@@ -432,12 +432,10 @@ def save_and_sample(run: Run, checkpoints: Checkpointer, step: int, stopped: str
 def train_loop(run: Run, checkpoints: Checkpointer, stops: StopRequests) -> Dict[str, Any]:
     """The steps from ``run.start`` to ``--steps`` (or a stop); returns the step reached, the last logged record
     and why it stopped ('' when it finished)."""
-    from tqdm import tqdm
     args = run.args
     schedule, mix = MaskSchedule(args.schedule), TaskMix(*[float(v) for v in str(args.task_mix).split(",")])
-    metrics = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
-    metrics.truncate_after(run.start)  # the steps after the checkpoint are logged again (a fresh run: none kept)
-    progress = tqdm(total=args.steps, initial=run.start, disable=run.rank != 0, desc="diffusion", dynamic_ncols=True)
+    # metrics.jsonl (the steps after the checkpoint are logged again), a console line per record, progress bar
+    log = StepLog(run.out, args.steps, run.start, enabled=run.rank == 0, desc="diffusion")
     step, stopped, last, window, batches = run.start, "", {}, run.state.window, None
     try:
         batches = iter(step_batches(run))
@@ -445,21 +443,19 @@ def train_loop(run: Run, checkpoints: Checkpointer, stops: StopRequests) -> Dict
             parts, grad_norm = train_step(run, step, text, image, labels, schedule, mix)
             step += 1
             window.add(parts, text.shape[0] * run.world)
-            progress.update(1)
+            log.advance()
             if step % args.log_every == 0 or step == args.steps:
                 last = window.record(step, grad_norm, run.optimizer.param_groups[0]["lr"])
-                metrics.write(last)
+                log.write(last)
                 if math.isfinite(last["loss"]):
                     checkpoints.mark_healthy(step)  # a finite step after the newest checkpoint vouches for it
-                progress.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}",
-                                     txt=f"{last['text_ce']:.3f}")
             stopped = stops.should_stop(step, args.steps, run.device)
             save_and_sample(run, checkpoints, step, stopped)
             if stopped:
                 break
     finally:
         shutdown_workers(batches)  # workers ignore SIGTERM: the interpreter would wait for them forever
-        progress.close()  # before any message, so none is printed onto the bar's line
+        log.close()  # before any message, so none is printed onto the bar's line
     return {"step": step, "last": last, "stopped": stopped}
 
 
