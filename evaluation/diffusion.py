@@ -32,6 +32,7 @@ from evaluation.report import environment, markdown_table, relative, write_outpu
 from evaluation.report_metrics import AgreementJudge, load_text_head, report_metrics
 from generation.diffusion.loading import load_for_inference
 from generation.diffusion.sampler import METHODS, SAMPLE_TASKS, SamplerOptions, sample
+from training.options import FAILURES, failure_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,12 +286,14 @@ def render_markdown(payload: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """0 when done; 2 for bad input (one line: a missing file, a checkpoint or cache that does not fit), 1 when
+    the run cannot go on."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         evaluate(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FAILURES as error:
+        return failure_status(parser.prog, error)
     return 0
 
 

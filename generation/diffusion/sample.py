@@ -25,6 +25,7 @@ import torch
 
 from generation.diffusion.sampler import METHODS, SAMPLE_TASKS, SamplerOptions, sample
 from generation.diffusion.loading import load_for_inference
+from training.options import FAILURES, failure_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,12 +162,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """0 when done; 2 for bad input (one line: a missing file, a checkpoint or cache that does not fit), 1 when
+    the run cannot go on."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FAILURES as error:
+        return failure_status(parser.prog, error)
     return 0
 
 
