@@ -21,8 +21,9 @@ the run folder's :class:`training.checkpointer.Checkpointer` (the folder locked,
 auto|restart|PATH``, each rank's RNG states), :class:`RunLogger` (metrics.jsonl, console, plot) and
 :class:`SampleGrids` (decoded samples per label). Resuming is exact: the batch of step s and its class-dropout
 draws depend only on (seed, s), and model, EMA, optimizer and RNG states are restored. Run folders of the
-earlier 7-digit ``ckpt-*.pth`` names (no checksum) resume as they are. The settings, the learning rate and the
-optimiser are :mod:`generation.ar_training`'s.
+earlier 7-digit ``ckpt-*.pth`` names resume from their weights, optimiser and step, but not bit-for-bit (their
+data order was another one; the resume says so). The settings, the learning rate and the optimiser are
+:mod:`generation.ar_training`'s.
 """
 from __future__ import annotations
 

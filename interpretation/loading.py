@@ -15,7 +15,7 @@ The learning-rate schedule is a function of the step; the ``scheduler`` entry of
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 RUN_FILE = "interpretation.json"
 LORA_DIR = "lora"
@@ -51,8 +51,3 @@ def training_checkpoints(run_dir: Path) -> List[Path]:
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """One VQA training checkpoint (either layout), read safely and brought to the current layout."""
     return reader(Path(path).parent).load(Path(path))
-
-
-def find_resume_checkpoint(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """What ``--resume auto`` would take in ``run_dir`` (the unusable ones on the way are set aside)."""
-    return reader(run_dir).newest_usable()

@@ -14,7 +14,8 @@ A config file (JSON) sets any flag (``"batch_size": 4``); keys ``"stage_A"`` / `
 values; the command line overrides both. The run folder gets ``args.json``, ``metrics.jsonl`` (loss, lr,
 samples/s, tokens/s every --log-every steps), ``ckpt-{step:08d}.pth`` (the shared ``training.checkpointer``:
 atomic, with a .sha256, the last --keep-checkpoints; trainable weights, optimiser, step, every rank's RNG:
-``--resume auto`` continues exactly, also from the ``ckpt-last.pth`` of earlier versions),
+``--resume auto`` continues exactly; it also takes the ``ckpt-last.pth`` of earlier versions, whose data order
+was another one, so such a resume continues the run but not bit-for-bit),
 ``projector.safetensors``, ``lora/`` (stage B, a peft adapter folder) and ``interpretation.json`` (what
 ``evaluation.vqa`` needs to rebuild the model). The data order is ``training.sampler.StepSampler``'s and the
 learning rate ``training.schedules.cosine_lr`` (linear warm-up, cosine to 0): both functions of the step.
@@ -38,7 +39,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from meditok import weights_fingerprint
 from training import distributed
-from training.checkpoint_files import RunError
 from training.checkpointer import Checkpointer, nonfinite_names
 from training.config import config_file_as_defaults
 from training.options import FAILURES, PRECISIONS, ArgumentParser, UsageError, check_numbers, failure_status
@@ -48,10 +48,10 @@ from training.step_log import StepLog
 from training.stopping import StopRequests
 from training.workers import ignore_stop_signals, shutdown_workers
 
-from .data import FORMATS, DataFormatError, VQARecord, check_images_exist, read_many
+from .data import FORMATS, VQARecord, check_images_exist, read_many
 from .loading import (CHECKPOINT_FORMAT, CHECKPOINT_WHAT, FINGERPRINT_KEY, LEGACY_CHECKPOINTS, LORA_DIR, RUN_FILE,
                       WEIGHTS_KEY, upgrade)
-from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava, PromptError
+from .model import PROJECTOR_FILE, PROJECTOR_TYPES, TEMPLATES, MedITokLlava
 from .vision_tower import FEATURE_KINDS, MedITokVisionTower
 
 PROG = "python -m interpretation.train"
@@ -402,14 +402,13 @@ def build_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
               checkpointer: Checkpointer) -> Run:
     """Model, data (every prompt checked), optimiser and schedule of a fresh run."""
     captions = args.stage == "A"
-    try:  # the data first: a bad file fails in seconds, before a large model is loaded
-        records = read_many(args.data, args.data_format, args.image_root, captions=captions)
-        check_images_exist(records, args.image_root)
-        torch.manual_seed(args.seed)
-        model = build_model(args, device)
-        dataset = ConversationDataset(records, model, captions, args.max_length)
-    except (DataFormatError, PromptError) as error:
-        raise RunError(str(error)) from None
+    # the data first: a bad file fails in seconds, before a large model is loaded (DataFormatError, PromptError:
+    # ValueErrors naming the file and record, which main reports in one line with exit status 2, bad input)
+    records = read_many(args.data, args.data_format, args.image_root, captions=captions)
+    check_images_exist(records, args.image_root)
+    torch.manual_seed(args.seed)
+    model = build_model(args, device)
+    dataset = ConversationDataset(records, model, captions, args.max_length)
     params = trainable_parameters(model)
     if rank == 0:
         print(f"stage {args.stage}: {len(dataset)} samples, {sum(p.numel() for p in params.values()):,} trainable "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List
 # torchvision / torch._dynamo / huggingface_hub imports, most of ten seconds on a cold start) is imported only
 # when a model is built. A command-line tool can therefore parse its arguments and report a missing file at once.
 _EXPORTS: Dict[str, str] = {
-    "RELEASED_FILES": "checkpoint", "RELEASED_HUB_REPO": "checkpoint", "CheckpointError": "checkpoint",
+    "RELEASED_FILES": "checkpoint", "RELEASED_HUB_REPO": "checkpoint", "CheckpointError": "checkpoint", "UnsafeCheckpointError": "checkpoint",
     "atomic_write": "checkpoint", "atomic_write_via_path": "checkpoint", "build_meditok": "checkpoint",
     "diff_state_dict": "checkpoint",
     "extract_tokenizer_state_dict": "checkpoint", "load_meditok": "checkpoint", "matching_presets": "checkpoint",
@@ -29,7 +29,7 @@ _EXPORTS: Dict[str, str] = {
 
 __all__ = [
     "MedITok", "MedITokConfig", "PRESETS", "get_config", "build_meditok", "load_meditok", "save_meditok",
-    "atomic_write", "atomic_write_via_path", "safe_load", "weights_fingerprint", "CheckpointError", "diff_state_dict", "matching_presets", "extract_tokenizer_state_dict",
+    "atomic_write", "atomic_write_via_path", "safe_load", "weights_fingerprint", "CheckpointError", "UnsafeCheckpointError", "diff_state_dict", "matching_presets", "extract_tokenizer_state_dict",
     "MultiCodebookQuantizer", "QuantizerOutput", "RELEASED_FILES", "RELEASED_HUB_REPO",
 ]
 __version__ = "0.1.0"
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names as ordinary imports
     from .checkpoint import (RELEASED_FILES, RELEASED_HUB_REPO, CheckpointError, atomic_write,
                              atomic_write_via_path, build_meditok,
                              diff_state_dict, extract_tokenizer_state_dict, load_meditok, matching_presets,
-                             safe_load, save_meditok, weights_fingerprint)
+                             safe_load, save_meditok, UnsafeCheckpointError, weights_fingerprint)
     from .config import PRESETS, MedITokConfig, get_config
     from .model import MedITok
     from .quantizer import MultiCodebookQuantizer, QuantizerOutput

@@ -149,6 +149,12 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 CONVERT_COMMAND = "python -m training.convert_checkpoint"
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that pickles Python objects beyond tensors and plain containers: refused, never run. An older
+    checkpoint of this project is one (convert it once with :data:`CONVERT_COMMAND`), so callers that would set an
+    unusable file aside leave this one where it is."""
+
+
 def _refused_global(error: BaseException) -> str:
     """What torch's weights-only unpickler refused to build, in a few words (the rest of its message advises
     allow-listing or ``weights_only=False``, advice this project must never pass on)."""
@@ -183,7 +189,7 @@ def safe_load(path: Union[str, os.PathLike], *, formats: Tuple[str, ...] = (), w
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"{path}: refused: the file pickles Python objects beyond tensors and plain containers "
             f"({_refused_global(e)}), and this project never unpickles code. If you made it with an older version "
             f"of this project, convert it once with `{CONVERT_COMMAND} {path}`; otherwise re-save only its "

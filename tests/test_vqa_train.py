@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from interpretation import train as vqa_train
+from interpretation.data import DataFormatError
+from interpretation.model import PromptError
 from interpretation.tiny import make_tiny_lm
 from training.checkpoint_files import RunError
 from training.options import UsageError
@@ -184,7 +186,7 @@ def test_training_data_without_placeholder_fails_naming_the_record(setup, tmp_pa
         {"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "CT"}]}]))
     args = args_for(setup, "B", tmp_path / "out")
     args.data = [str(bad)]
-    with pytest.raises(RunError, match=r"bad\.json:record 0: the prompt has no image placeholder '<image>'"):
+    with pytest.raises(PromptError, match=r"bad\.json:record 0: the prompt has no image placeholder '<image>'"):
         vqa_train.train(args)
 
 
@@ -233,7 +235,7 @@ def test_help_runs(module, capsys):
 def test_missing_images_are_reported_before_training(setup, tmp_path):
     args = args_for(setup, "B", tmp_path / "out")
     args.image_root = str(tmp_path / "elsewhere")
-    with pytest.raises(RunError, match=r"4 of 4 image file\(s\) not found \(.*qa\.csv:line 2: .*elsewhere/ct/"
+    with pytest.raises(DataFormatError, match=r"4 of 4 image file\(s\) not found \(.*qa\.csv:line 2: .*elsewhere/ct/"
                                          r"thorax_vertebra\.png.*check --image-root"):
         vqa_train.train(args)
 

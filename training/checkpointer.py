@@ -47,6 +47,7 @@ from .checkpoint_files import (SET_ASIDE_SUFFIX, TEMP_PATTERN, RunError, RunFold
                                checksum_path, os_error_in, set_aside, verify_checksum)
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pth$")
+CURRENT_NAME = re.compile(r"^ckpt-\d{8}\.pth$")  # what this version writes (older: 7 digits, legacy names)
 HEALTHY_FILE = "healthy.json"  # the newest checkpoint after which training was seen to stay finite
 
 
@@ -126,15 +127,18 @@ def nonfinite_names(named: Iterable[tuple]) -> List[str]:
 
 
 class CheckpointReader:
-    """The reading side of a run folder's checkpoints (no lock, nothing written but set-asides): loading one
-    safely, the candidates of ``--resume auto`` and the newest usable one. Samplers, evaluators and tests use it
-    on a folder a trainer may hold."""
+    """The reading side of a run folder's checkpoints (no lock): loading one safely, the candidates of
+    ``--resume auto`` and the newest usable one. With ``set_aside_unusable`` (the trainer's side, which holds the
+    folder's lock) unusable files met on the way are renamed aside; without it (samplers and evaluators reading a
+    folder a trainer may hold) they are skipped with a warning and nothing in the folder changes."""
 
     def __init__(self, run_dir: Path, formats: Sequence[str], what: str, *, weights_key: str = "model",
                  legacy: Sequence[str] = (),
-                 upgrade: Optional[Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]] = None):
+                 upgrade: Optional[Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]] = None,
+                 set_aside_unusable: bool = True):
         self.run_dir, self.formats, self.what = Path(run_dir), tuple(formats), what
         self.weights_key, self.legacy, self.upgrade = weights_key, tuple(legacy), upgrade
+        self.set_aside_unusable = set_aside_unusable
 
     def load(self, path: Path) -> Dict[str, Any]:
         """One checkpoint, read safely (memory-mapped) and brought to the current layout."""
@@ -149,22 +153,32 @@ class CheckpointReader:
 
     def newest_usable(self) -> Optional[Dict[str, Any]]:
         """The newest checkpoint that matches its checksum, loads and holds finite weights; the others on the
-        way are set aside."""
+        way are set aside (or skipped). A file that pickles Python objects stops the search where it is
+        (:class:`meditok.UnsafeCheckpointError`, naming the one-time conversion): an older checkpoint of this
+        project is one, and a renamed file could no longer be converted and resumed."""
         for path in self.candidates():
             try:
                 verify_checksum(path)
                 ckpt = self.load(path)
+            except meditok.UnsafeCheckpointError:
+                raise
             except Exception as e:  # corrupt/truncated/changed: fall back to the previous one
-                set_aside(path, f"unreadable ({type(e).__name__}: {e})")
+                self._pass_over(path, f"unreadable ({type(e).__name__}: {e})")
                 continue
             bad = nonfinite_names((ckpt.get(self.weights_key) or {}).items())
             if bad:
                 del ckpt
-                set_aside(path, f"{len(bad)} tensors hold NaN/Inf (e.g. {bad[0]})")
+                self._pass_over(path, f"{len(bad)} tensors hold NaN/Inf (e.g. {bad[0]})")
                 continue
             ckpt["_path"] = str(path)
             return ckpt
         return None
+
+    def _pass_over(self, path: Path, why: str) -> None:
+        if self.set_aside_unusable:
+            set_aside(path, why)
+        else:
+            warnings.warn(f"skipping checkpoint {path}: {why}")
 
 
 class Checkpointer(CheckpointReader):
@@ -191,7 +205,8 @@ class Checkpointer(CheckpointReader):
                  upgrade: Optional[Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]] = None,
                  temp_dirs: Sequence[str] = (), out_flag: str = "--out", name: str = "checkpoint"):
         super().__init__(run_dir, formats or (fmt,), what, weights_key=weights_key, legacy=legacy, upgrade=upgrade)
-        self.resume, self.keep, self.fmt = resume or "", keep, fmt
+        self.resume = "" if resume in (None, "", "none") else resume  # "none": the diffusion trainer's old spelling
+        self.keep, self.fmt = keep, fmt
         self.args, self.order_args, self.out_flag, self.name = dict(args or {}), tuple(order_args), out_flag, name
         self.lock, refusal = None, None
         if dist.is_main():
@@ -227,7 +242,10 @@ class Checkpointer(CheckpointReader):
                                f"or pick another {self.out_flag}")
             return None
         if resume == "auto":
-            ckpt = self.newest_usable()
+            try:
+                ckpt = self.newest_usable()
+            except meditok.UnsafeCheckpointError as error:
+                raise RunError(f"--resume auto: {error} Nothing was renamed or deleted.") from None
             if ckpt is None and set_aside_checkpoints(here):
                 names = ", ".join(p.name for p in set_aside_checkpoints(here))
                 raise RunError(f"{here} had progress but none of its checkpoints is usable ({names}); nothing was "
@@ -261,6 +279,9 @@ class Checkpointer(CheckpointReader):
                 decision = ckpt["_path"] if ckpt is not None else ""
             except RunError as e:
                 decision = RunError(str(e))
+            except BaseException:  # anything else: the other ranks stop too instead of waiting for a decision
+                dist.broadcast_from_main(RunError("the main process failed while choosing the checkpoint"))
+                raise
         decision = dist.broadcast_from_main(decision)
         if isinstance(decision, RunError):
             raise decision
@@ -297,6 +318,10 @@ class Checkpointer(CheckpointReader):
         if dist.is_main():
             epoch = f", epoch {ckpt['epoch']}" if "epoch" in ckpt else ""
             print(f"[resume] {ckpt['_path']}: step {ckpt['step']}{epoch}", flush=True)
+            if not CURRENT_NAME.match(Path(ckpt["_path"]).name):
+                print(f"[resume] {Path(ckpt['_path']).name} was written by an earlier version of this trainer, whose "
+                      f"data order differed: the weights, optimiser and step continue, the batches from here on are "
+                      f"this version's (not exactly those the old run would have read)", flush=True)
         return int(ckpt["step"])
 
     def _warn_changed_arguments(self, ckpt: Dict[str, Any]) -> None:
@@ -346,10 +371,10 @@ class Checkpointer(CheckpointReader):
         failure = path = None
         if dist.is_main():
             path = checkpoint_path(self.run_dir, step)
-            payload = {"format": self.fmt, **state.state_dict(), "step": step, "ranks": ranks, "args": self.args}
-            if data is not None and hasattr(data, "epoch"):
-                payload["epoch"] = data.epoch
             try:
+                payload = {"format": self.fmt, **state.state_dict(), "step": step, "ranks": ranks, "args": self.args}
+                if data is not None and hasattr(data, "epoch"):
+                    payload["epoch"] = data.epoch
                 failure = self._write(payload, path)
             except BaseException:
                 dist.broadcast_from_main("the main process failed to save")

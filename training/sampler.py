@@ -1,6 +1,6 @@
 """The one step-indexed sampler of every trainer built on the tokens (AR, diffusion, VQA): which dataset rows
 each optimiser step reads is a pure function of (seed, step), so a resumed run reads exactly what an unbroken
-run would have read, and N processes together read what one process reads.
+run would have read, and N processes with per-process batch b read what one process with batch N·b reads.
 
 The stream: epoch ``e`` is a permutation of the dataset seeded by (seed, e) — ``torch.randperm`` under
 ``torch.Generator().manual_seed(seed * 1_000_003 + e)`` — cut into full global batches (the tail that does not

@@ -38,13 +38,13 @@ def upgrade(ckpt: Dict[str, Any]) -> Dict[str, Any]:
 def reader(run_dir: Union[str, Path]) -> CheckpointReader:
     """The read-only side of a diffusion run folder's checkpoints (both layouts)."""
     return CheckpointReader(Path(run_dir), (CHECKPOINT_FORMAT,), CHECKPOINT_WHAT, legacy=LEGACY_CHECKPOINTS,
-                            upgrade=upgrade)
+                            upgrade=upgrade, set_aside_unusable=False)  # a trainer may hold the folder
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """One checkpoint file (either layout), checked against its checksum and read safely; or, for a run folder,
-    its newest usable checkpoint (unusable ones on the way are set aside, as ``--resume auto`` does). The
-    file read is under ``_path``."""
+    its newest usable checkpoint (unusable ones on the way are skipped with a warning; nothing in the folder
+    changes). The file read is under ``_path``."""
     path = Path(path)
     if path.is_dir():
         ckpt = reader(path).newest_usable()
