@@ -331,6 +331,7 @@ def prepare_run(config: TrainConfig, device: torch.device, checkpointer: Checkpo
     logger = RunLogger(out, total_steps, step, enabled=main_process, desc="synthesis")  # drops records after `step`
     run = Run(config, device, main_process, out, train_cache, val_cache, data, total_steps,
               torch.bfloat16 if bf16 else None, model, model, optimizer, ema, state, checkpointer, logger, step)
+    checkpointer.write_args()
     if main_process:
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_config": model.config.to_dict(),
                                                       "world_size": world}, indent=2) + "\n")

@@ -390,8 +390,7 @@ def prepare_run(args: argparse.Namespace) -> Run:
     except BaseException:
         checkpointer.close()
         raise
-    if rank == 0:
-        (run.out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    checkpointer.write_args()
     if world > 1:
         run.trained = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -217,6 +217,7 @@ def test_a_resumed_run_logs_each_step_once(setup, tmp_path):
                 for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     straight = records()
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "args.json").read_text())["steps"] == 4  # the run folder's one layout
     for path in (run_dir / "ckpt-00000004.pth", run_dir / "ckpt-00000004.pth.sha256"):
         path.unlink()  # as if killed after step 4's log, before its checkpoint
     assert diffusion_train.main(argv_for(setup, run_dir, "--steps", "4", "--save-every", "2", "--resume", "auto")) == 0

@@ -69,7 +69,7 @@ def test_resume_is_exact(caches, tmp_path):
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-6)
     # The run learned something, and its files are there.
     assert straight["val_loss"] < straight["uniform"]
-    for name in ("metrics.jsonl", "baselines.json", "loss_curves.png", "config.json", "summary.json"):
+    for name in ("args.json", "metrics.jsonl", "baselines.json", "loss_curves.png", "config.json", "summary.json"):
         assert (tmp_path / "resumed" / name).is_file(), name
     steps = [__import__("json").loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
              if "loss" in l and "val_loss" not in l]

@@ -27,3 +27,12 @@ def test_the_trainers_reader_sets_them_aside(tmp_path):
     with pytest.warns(UserWarning, match="setting aside"):
         assert CheckpointReader(tmp_path / "run", ("f",), "test").newest_usable()["step"] == 1
     assert (tmp_path / "run" / "ckpt-00000002.pth.unusable").exists()
+
+
+def test_the_run_folders_args_json_is_what_checkpoints_record(tmp_path):
+    import json
+    from training.checkpointer import Checkpointer
+    checkpointer = Checkpointer(tmp_path / "run", "", 2, "f", "test", args={"lr": 0.5, "out": str(tmp_path / "run")})
+    checkpointer.write_args()
+    checkpointer.close()
+    assert json.loads((tmp_path / "run" / "args.json").read_text()) == {"lr": 0.5, "out": str(tmp_path / "run")}

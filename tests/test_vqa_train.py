@@ -115,6 +115,7 @@ def test_exact_resume(setup, straight_run, tmp_path):
     metrics = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
                for d in (straight_run, tmp_path / "split")]
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "split" / "args.json").read_text())["stage"] == "B"  # the run folder's layout
     assert [m["loss"] for m in metrics[0]] == [m["loss"] for m in metrics[1]]
     assert [m["epoch"] for m in metrics[1]] == [0, 0, 1, 1]
     # no warm-up: the peak, then cosine decay towards 0 at step 4 (the lr each step used)

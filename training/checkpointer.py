@@ -332,6 +332,12 @@ class Checkpointer(CheckpointReader):
             warnings.warn(f"resuming {ckpt['_path']} with arguments that change the data order or the batches: "
                           f"{'; '.join(changed)}. The run continues, but not exactly as it would have.")
 
+    def write_args(self) -> None:
+        """``args.json`` in the run folder (main process): the run's arguments, as every checkpoint records them."""
+        if dist.is_main():
+            text = json.dumps(self.args, indent=2, default=str) + "\n"
+            meditok.atomic_write(self.run_dir / "args.json", lambda f: f.write(text.encode()))
+
     # ---------------------------------------------------------------------------------------------- health
     def newest_healthy(self) -> str:
         """For messages: the newest checkpoint to go back to, and how."""

@@ -378,6 +378,7 @@ def prepare_run(args: argparse.Namespace, checkpoints: Checkpointer, device: tor
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     run = Run(args, device, rank, world, Path(args.out), cache, codec, config, model, trained, optimizer, state, start,
               bf16)
+    checkpoints.write_args()
     if rank == 0:
         (run.out / "config.json").write_text(json.dumps({"model": config.to_dict(), "args": vars(args)}, indent=2)
                                              + "\n")
